@@ -1,0 +1,121 @@
+"""Pre-norm transformer blocks without biases, with RoPE attention (self or cross) and per-sample
+stochastic depth (capi-method.md §1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from capi_lab.model.rope import Rope
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/output projections, no biases, 2-D RoPE on q and k.
+
+    Without ``context`` it is self-attention; with it, queries come from ``x`` and keys/values from
+    ``context`` (whose width may differ: ``kv_dim``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, rope: dict | None = None):
+        super().__init__()
+        kv_dim = kv_dim or dim
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(kv_dim, dim, bias=False)
+        self.v_proj = nn.Linear(kv_dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.rope = Rope(dim // num_heads, **(rope or {}))
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, -1).transpose(1, 2)  # (b, heads, n, hd)
+
+    def forward(
+        self,
+        x: Float[Tensor, "b t d"],
+        coords: Float[Tensor, "b t 2"],
+        context: Float[Tensor, "b m dk"] | None = None,
+        context_coords: Float[Tensor, "b m 2"] | None = None,
+    ) -> Float[Tensor, "b t d"]:
+        if context is None:
+            context, context_coords = x, coords
+        q = self.rope(self._heads(self.q_proj(x)), coords)
+        k = self.rope(self._heads(self.k_proj(context)), context_coords)
+        v = self._heads(self.v_proj(context))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class Residual(nn.Module):
+    """``x + fn(norm(x))``; in training, stochastic depth drops the branch for whole samples.
+
+    Dropping is done by computing the branch only on a random subset of ``keep = int(b * (1-p))``
+    samples and adding it back scaled by ``b / keep`` (unbiased, like DropPath), which also saves
+    a fraction ``p`` of the branch's compute.
+    """
+
+    def __init__(self, dim: int, fn: nn.Module, drop_prob: float = 0.0):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.fn = fn
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Float[Tensor, "b t d"], **batch_kwargs: Tensor | None) -> Float[Tensor, "b t d"]:
+        b = x.shape[0]
+        keep = max(int(b * (1 - self.drop_prob)), 1)
+        if not self.training or keep == b:
+            return x + self.fn(self.norm(x), **batch_kwargs)
+        idx = torch.randperm(b, device=x.device)[:keep]
+        sub = {k: (v[idx] if v is not None else None) for k, v in batch_kwargs.items()}
+        branch = self.fn(self.norm(x[idx]), **sub)
+        return torch.index_add(x, 0, idx, branch.to(x.dtype), alpha=b / keep)
+
+
+class Block(nn.Module):
+    """Attention residual then MLP residual. Key names follow the authors' layout
+    (``residual1.fn.q_proj``, ``residual2.fn.fc1``, ...) so checkpoints map one to one."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        kv_dim: int | None = None,
+        rope: dict | None = None,
+    ):
+        """``rope``: keyword arguments of :class:`Rope` (``max_freq``, ``min_freq``, ``layout``)."""
+        super().__init__()
+        attn = Attention(dim, num_heads, kv_dim, rope)
+        mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, bias=False)
+        self.residual1 = Residual(dim, attn, drop_path)
+        self.residual2 = Residual(dim, mlp, drop_path)
+
+    def forward(
+        self,
+        x: Float[Tensor, "b t d"],
+        coords: Float[Tensor, "b t 2"],
+        context: Float[Tensor, "b m dk"] | None = None,
+        context_coords: Float[Tensor, "b m 2"] | None = None,
+    ) -> Float[Tensor, "b t d"]:
+        x = self.residual1(x, coords=coords, context=context, context_coords=context_coords)
+        return self.residual2(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linear weights (and patch conv viewed as a matrix), zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            w = m.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.RMSNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)

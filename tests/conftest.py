@@ -1,0 +1,21 @@
+"""Test-wide set-up: every function and dataclass in capi_lab gets its jaxtyping shape annotations
+checked (with beartype) while the tests run."""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from jaxtyping import install_import_hook  # noqa: E402
+
+# Installed before anything imports capi_lab, and never uninstalled: modules imported later are hooked too.
+_hook = install_import_hook("capi_lab", "beartype.beartype")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

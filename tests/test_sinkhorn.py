@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from capi_lab.sinkhorn import sinkhorn_knopp, sinkhorn_standard, teacher_targets
+
+
+def test_positionwise_marginals():
+    n, b, k = 5, 16, 8
+    q = sinkhorn_knopp(torch.randn(n, b, k) * 3, n_iter=30)
+    assert torch.allclose(q.sum(-1), torch.ones(n, b), atol=1e-5)  # each token sums to 1
+    # per position, every prototype gets the same mass b/k across the batch
+    assert torch.allclose(q.sum(1), torch.full((n, k), b / k), atol=1e-3)
+
+
+def test_three_iterations_already_balance_roughly_and_tokens_sum_to_one():
+    q = sinkhorn_knopp(torch.randn(4, 32, 16) * 2, n_iter=3)
+    assert torch.allclose(q.sum(-1), torch.ones(4, 32), atol=1e-5)
+    usage = q.sum(1) / (32 / 16)
+    raw = torch.softmax(torch.randn(4, 32, 16) * 2, -1).sum(1) / 2
+    assert (usage - 1).abs().max() < (raw - 1).abs().max()
+
+
+def test_hand_computed_two_by_two():
+    # one position, 2 images, 2 prototypes; one iteration by hand
+    logits = torch.log(torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))  # exp -> [[1,2],[3,4]]
+    q = sinkhorn_knopp(logits, n_iter=1)
+    # divide by column (image-axis) sums [4, 6]: [[1/4, 2/6], [3/4, 4/6]]; then rows to 1
+    r0 = torch.tensor([1 / 4, 2 / 6])
+    r1 = torch.tensor([3 / 4, 4 / 6])
+    expected = torch.stack([r0 / r0.sum(), r1 / r1.sum()])[None]
+    assert torch.allclose(q, expected, atol=1e-6)
+
+
+def test_standard_balances_over_all_tokens_not_per_position():
+    t, k = 64, 8
+    logits = torch.randn(t, k) * 2
+    q = sinkhorn_standard(logits, n_iter=50)
+    assert torch.allclose(q.sum(-1), torch.ones(t), atol=1e-5)
+    assert torch.allclose(q.sum(0), torch.full((k,), t / k), atol=1e-3)
+    # differs from the position-wise variant on the same scores
+    b, n = 8, 8
+    z = logits.view(b, n, k)
+    pw = teacher_targets(z, temperature=1.0, n_iter=3, positionwise=True)
+    st = teacher_targets(z, temperature=1.0, n_iter=3, positionwise=False)
+    assert not torch.allclose(pw, st, atol=1e-3)
+    assert torch.allclose(st, sinkhorn_standard(z.reshape(-1, k), 3).view(b, n, k))
+
+
+def test_stable_with_huge_logits_and_bf16():
+    logits = torch.randn(3, 8, 10) * 1e4  # spreads of ~1e4 after temperature: exp(x - max + 50) underflows
+    q = sinkhorn_knopp(logits)
+    assert torch.isfinite(q).all()
+    assert torch.allclose(q.sum(-1), torch.ones(3, 8), atol=1e-5)
+    qb = sinkhorn_knopp(torch.randn(3, 8, 10).bfloat16() * 50)
+    assert qb.dtype == torch.float32 and torch.isfinite(qb).all()
+    assert torch.allclose(qb.sum(-1), torch.ones(3, 8), atol=1e-5)
+
+
+def test_collapsed_logits_are_spread_out():
+    # every token prefers prototype 0: softmax would collapse, balancing puts the others to use
+    logits = torch.randn(16, 2, 4) * 0.5
+    logits[..., 0] += 5.0
+    assert torch.softmax(logits, -1).argmax(-1).unique().numel() == 1
+    q = teacher_targets(logits, temperature=1.0, n_iter=3)
+    assert q.argmax(-1).unique().numel() == 4
+
+
+@pytest.mark.parametrize("positionwise", [True, False])
+def test_teacher_targets_shape_and_temperature(positionwise):
+    logits = torch.randn(4, 6, 12)
+    q = teacher_targets(logits, temperature=0.06, positionwise=positionwise)
+    assert q.shape == logits.shape
+    sharp = teacher_targets(logits, temperature=0.01, positionwise=positionwise)
+    ent = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1).mean()  # noqa: E731
+    assert ent(sharp) < ent(q)
