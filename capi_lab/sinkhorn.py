@@ -30,6 +30,13 @@ def _logsumexp_images(x: Tensor) -> Tensor:
     return m + torch.log(s)
 
 
+def _sum_images(q: Tensor) -> Tensor:
+    s = q.sum(dim=1, keepdim=True)
+    if _distributed():
+        dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    return s
+
+
 def sinkhorn_knopp(logits: Float[Tensor, "n b k"], n_iter: int = 3) -> Float[Tensor, "n b k"]:
     """Balance ``logits`` arranged ``[positions, images, prototypes]`` (temperature already applied).
 
@@ -37,18 +44,22 @@ def sinkhorn_knopp(logits: Float[Tensor, "n b k"], n_iter: int = 3) -> Float[Ten
     sum over the prototype axis (per token), so every token's assignment sums to 1 and, per position,
     prototypes get even mass across images. Computed in fp32 whatever the input dtype.
 
-    The normalisations are done on logarithms (``x - logsumexp``), which is the same computation as
-    the spec's ``exp(x - max + 50)`` followed by divisions, but cannot underflow: with the exp form a
-    token whose scores sit far below every prototype's best image (a spread over ~150 after the
-    temperature) becomes a row of zeros and then NaN.
+    The first iteration is done on logarithms (``x - logsumexp``): the same computation as the spec's
+    ``exp(x - max + 50)`` followed by divisions, but it cannot underflow (with the exp form, a token
+    whose scores sit ~150 below every prototype's best image becomes a row of zeros, then NaN). After
+    it every column holds an entry >= 1/B and every row one >= 1/K, so the remaining iterations run
+    in the cheaper multiplicative form without that risk.
 
     For the standard (not position-wise) variant see :func:`sinkhorn_standard`.
     """
     x = logits.float()
-    for _ in range(n_iter):
-        x = x - _logsumexp_images(x)
-        x = x - torch.logsumexp(x, dim=2, keepdim=True)
-    return torch.exp(x)
+    x = x - _logsumexp_images(x)
+    x = x - torch.logsumexp(x, dim=2, keepdim=True)
+    q = torch.exp(x)
+    for _ in range(n_iter - 1):
+        q = q / _sum_images(q)
+        q = q / q.sum(dim=2, keepdim=True)
+    return q
 
 
 def sinkhorn_standard(logits: Float[Tensor, "t k"], n_iter: int = 3) -> Float[Tensor, "t k"]:

@@ -1,0 +1,108 @@
+"""Throughput of the real CAPI training step on a synthetic batch already on the device.
+
+    python benchmarks/train_throughput.py --preset vit_l14 --batch-size 128 --compile
+    python benchmarks/train_throughput.py --preset tiny --batch-size 256 --device cpu
+
+Prints one JSON line: images/s (median over timed steps), step time percentiles, peak device memory
+and achieved TFLOP/s (FLOPs of one step counted with torch.utils.flop_counter on the eager step).
+The step is capi_lab.train.train_step, the very function the trainer runs (teacher forward,
+clustering loss and backward, student forward/backward, AdamW, EMA, clustering-optimizer step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from lightning.fabric import Fabric
+from torch.utils.flop_counter import FlopCounterMode
+
+from capi_lab.config import get_preset, with_overrides
+from capi_lab.masking import MaskBatch, sample_masks
+from capi_lab.train import build_trainer, train_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="vit_l14")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "32-true"])
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = get_preset(args.preset)
+    over = {}
+    if args.batch_size:
+        over["batch_size"] = args.batch_size
+    if args.image_size:
+        over["image_size"] = args.image_size
+    cfg = with_overrides(cfg, **over) if over else cfg
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if device == "cuda" else "32-true")
+    fabric = Fabric(accelerator=device, devices=1, precision=precision)
+    b, g = cfg.batch_size, cfg.image_size // cfg.model.patch_size
+    images = fabric.to_device(torch.randn(b, 3, cfg.image_size, cfg.image_size))
+    masks = [MaskBatch(*(fabric.to_device(t) for t in sample_masks(b, g, g, cfg.mask, rng=i))) for i in range(4)]
+
+    # FLOPs of one eager step (the compiled step does the same math)
+    tr = build_trainer(fabric, cfg, max_steps=10**6, compile=False)
+    train_step(tr, images, masks[0])
+    with FlopCounterMode(display=False) as counter:
+        train_step(tr, images, masks[1])
+    flops = counter.get_total_flops()
+    if args.compile:
+        del tr
+        tr = build_trainer(fabric, cfg, max_steps=10**6, compile=True)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    t_compile = time.perf_counter()
+    for i in range(args.warmup):
+        train_step(tr, images, masks[i % 4])
+    sync()
+    warmup_s = time.perf_counter() - t_compile
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        out = train_step(tr, images, masks[i % 4])
+        sync()
+        times.append(time.perf_counter() - t0)
+    loss = float(out["capi_loss"])
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=10)
+    result = {
+        "preset": args.preset,
+        "batch_size": b,
+        "image_size": cfg.image_size,
+        "compile": args.compile,
+        "precision": precision,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "images_per_s": round(b / med, 1),
+        "step_ms_median": round(med * 1e3, 2),
+        "step_ms_p10": round(q[0] * 1e3, 2),
+        "step_ms_p90": round(q[-1] * 1e3, 2),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+        "tflop_per_step": round(flops / 1e12, 3),
+        "achieved_tflops": round(flops / med / 1e12, 1),
+        "warmup_s": round(warmup_s, 1),
+        "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Images for pretraining: where they come from (``--data``), how they are decoded and augmented,
+and how a batch gets its masks (built in the loader workers).
+
+Every sample is addressed by its *position* in an infinite, epoch-by-epoch shuffled stream. The
+image, its random crop and the batch's masks are all functions of ``(seed, position)``, so a run
+resumed at step ``s`` sees exactly the data it would have seen, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+from capi_lab.config import MaskConfig
+from capi_lab.masking import MaskBatch, sample_masks
+
+log = logging.getLogger("capi_lab.data")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+class DataError(ValueError):
+    """The data source cannot be used; the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ImageSource:
+    """A finite, indexable collection of images. ``load(i)`` returns an RGB PIL image or raises."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        return f"image {i}"
+
+
+class FileImages(ImageSource):
+    """Image files. Decoded images are kept in memory up to ``cache_bytes`` (per loader worker), so
+    small sets of large photos are not decoded again at every epoch."""
+
+    def __init__(self, paths: Sequence[Path], cache_bytes: int = 256 * 2**20):
+        self.paths = [Path(p) for p in paths]
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, Image.Image] = {}
+        self._cached = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        if i in self._cache:
+            return self._cache[i]
+        with Image.open(self.paths[i]) as img:
+            img.load()
+            rgb = to_rgb(img)
+        size = rgb.width * rgb.height * 3
+        if self._cached + size <= self.cache_bytes:
+            self._cache[i] = rgb
+            self._cached += size
+        return rgb
+
+    def describe(self, i: int) -> str:
+        return str(self.paths[i])
+
+
+class ArrayImages(ImageSource):
+    """Images held in memory as a ``uint8`` array ``[N, H, W]`` (grey) or ``[N, H, W, 3]``, with labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array"):
+        self.images, self.labels, self.name = images, labels, name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i]).convert("RGB")
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit and float images are rescaled (PIL's own conversion would
+    clip them to white), CMYK/greyscale/palette converted, alpha dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively (class sub-folders are fine), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def demo_photo_paths() -> list[Path]:
+    """Real photos that installed Python packages ship (scikit-image, scikit-learn, matplotlib);
+    each source is optional."""
+    found: list[Path] = []
+    try:
+        import skimage
+
+        d = Path(skimage.__file__).parent / "data"
+        names = (
+            "astronaut.png brick.png camera.png cell.png chelsea.png coffee.png coins.png grass.png gravel.png "
+            "hubble_deep_field.jpg ihc.png moon.png motorcycle_left.png motorcycle_right.png retina.jpg rocket.jpg"
+        ).split()
+        found += [d / n for n in names if (d / n).exists()]
+    except ImportError:
+        pass
+    try:
+        import sklearn.datasets
+
+        d = Path(sklearn.datasets.__file__).parent / "images"
+        found += sorted(d.glob("*.jpg"))
+    except ImportError:
+        pass
+    try:
+        import matplotlib
+
+        p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        if p.exists():
+            found.append(p)
+    except ImportError:
+        pass
+    return found
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train") -> ArrayImages:
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, else torchvision's download."""
+    if split not in ("train", "test"):
+        raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    images, labels = (
+        FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz",
+        FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz",
+    )
+    if images.exists() and labels.exists():
+        return ArrayImages(_read_idx(images), _read_idx(labels).astype(np.int64), f"fashion-mnist-{split}")
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        root = Path(os.environ.get("CAPI_LAB_CACHE", Path.home() / ".cache" / "capi_lab"))
+        ds = FashionMNIST(str(root), train=split == "train", download=True)
+        return ArrayImages(ds.data.numpy(), ds.targets.numpy(), f"fashion-mnist-{split}")
+    except Exception as e:
+        raise DataError(
+            f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR} and could not be downloaded ({e}). "
+            "On Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist"
+        ) from None
+
+
+def resolve_source(spec: str | os.PathLike) -> ImageSource:
+    """The images named by ``--data``: a folder (recursive), a text file listing image paths (relative
+    paths are taken from the file's folder), ``fashion-mnist[:train|:test]`` or ``demo-photos``."""
+    s = str(spec)
+    if s.startswith("fashion-mnist"):
+        return load_fashion_mnist(s.partition(":")[2] or "train")
+    if s == "demo-photos":
+        paths = demo_photo_paths()
+        if not paths:
+            raise DataError("no demo photos found: install scikit-image, scikit-learn or matplotlib")
+        return FileImages(paths)
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"--data {s!r}: no such file or folder. Give a folder of images, a .txt file listing image paths, "
+            "'fashion-mnist' or 'demo-photos'"
+        )
+    if path.is_dir():
+        paths = list_images(path)
+        if not paths:
+            raise DataError(
+                f"--data {s!r}: the folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
+                "even in sub-folders"
+            )
+        return FileImages(paths)
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines()]
+    paths = [
+        (path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and not ln.startswith("#")
+    ]
+    if not paths:
+        raise DataError(f"--data {s!r}: the list file names no images (one path per line expected)")
+    return FileImages(paths)
+
+
+# ----------------------------------------------------------------------------- training stream
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    """RandomResizedCrop(scale 0.6-1, bicubic) + horizontal flip + ImageNet normalization."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """Resize + centre crop + ImageNet normalization."""
+    return v2.Compose(
+        [
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(image_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def _mix(*xs: int) -> int:
+    return int(np.random.SeedSequence(list(xs)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class PretrainStream(Dataset):
+    """Item ``pos`` of an infinite stream: epoch ``pos // N`` is a fresh permutation of the source.
+
+    An image that cannot be decoded is skipped (one warning line per file) in favour of the next one
+    in the permutation; the item reports how many were skipped.
+    """
+
+    def __init__(self, source: ImageSource, image_size: int, seed: int = 0):
+        self.source, self.seed = source, seed
+        self.transform = train_transform(image_size)
+        self._perm: tuple[int, np.ndarray] | None = None
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:  # the stream is infinite; this is the source size
+        return len(self.source)
+
+    def _index(self, pos: int) -> int:
+        n = len(self.source)
+        epoch = pos // n
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng(_mix(self.seed, epoch)).permutation(n))
+        return int(self._perm[1][pos % n])
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
+        n = len(self.source)
+        skipped = 0
+        for attempt in range(n):
+            i = self._index(pos + attempt) if attempt == 0 else (self._index(pos) + attempt) % n
+            if i in self._bad:
+                skipped += 1
+                continue
+            try:
+                img = self.source.load(i)
+            except Exception as e:
+                self._bad.add(i)
+                skipped += 1
+                log.warning("skipping %s: cannot decode it (%s)", self.source.describe(i), str(e).splitlines()[0][:120])
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.seed, pos, 1))
+                return self.transform(img), pos, skipped
+        raise DataError(f"none of the {n} images of the data source could be decoded")
+
+
+class StreamSampler(Sampler[int]):
+    """Positions for one rank: step ``s`` covers global positions ``[s*G, (s+1)*G)`` with
+    ``G = batch_size * world_size``, rank ``r`` taking ``[s*G + r*batch_size, ... + batch_size)``."""
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0):
+        self.batch_size, self.rank, self.world_size, self.start_step = batch_size, rank, world_size, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start_step
+        g = self.batch_size * self.world_size
+        while True:
+            first = step * g + self.rank * self.batch_size
+            yield from range(first, first + self.batch_size)
+            step += 1
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    masks: MaskBatch
+    positions: torch.Tensor
+    skipped: int
+
+
+class MaskCollator:
+    """Stacks images and draws the batch's masks, seeded by the batch's first stream position."""
+
+    def __init__(self, grid: tuple[int, int], mask: MaskConfig, seed: int = 0):
+        self.grid, self.mask, self.seed = grid, mask, seed
+
+    def __call__(self, items: list[tuple[torch.Tensor, int, int]]) -> Batch:
+        images = torch.stack([it[0] for it in items])
+        positions = torch.tensor([it[1] for it in items])
+        rng = np.random.default_rng(_mix(self.seed, int(positions[0]), 2))
+        masks = sample_masks(len(items), *self.grid, self.mask, rng)
+        return Batch(images, masks, positions, sum(it[2] for it in items))
+
+
+def batch_to(batch: Batch, fn: Any) -> Batch:
+    """Apply ``fn`` (e.g. ``fabric.to_device``) to every tensor of the batch."""
+    return Batch(fn(batch.images), MaskBatch(*(fn(t) for t in batch.masks)), batch.positions, batch.skipped)

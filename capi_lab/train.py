@@ -1,0 +1,532 @@
+"""Pretrain CAPI with Lightning Fabric, from a laptop CPU to many GPUs.
+
+    python -m capi_lab.train --preset tiny --data demo-photos --output-dir runs/tiny --max-steps 200
+
+One step is capi-method.md §4: teacher forward on the full images -> clustering loss -> its backward;
+student forward on the visible patches, predictor at the predicted positions -> CAPI loss -> backward;
+AdamW step; EMA update of the teacher and of the EMA student head; clustering-optimizer step.
+Rerunning the same command continues from ``DIR/checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from capi_lab.cli import add_dataclass_arguments, deep_update, nest, read_yaml, write_yaml
+from capi_lab.config import CAPIConfig, ConfigError, get_preset
+from capi_lab.data import Batch, DataError, MaskCollator, PretrainStream, StreamSampler, batch_to, resolve_source
+from capi_lab.losses import student_step, teacher_step
+from capi_lab.masking import MaskBatch, mask_counts
+from capi_lab.model.capi import CAPIModel
+from capi_lab.optim import ema_update_, param_groups, set_hparams
+from capi_lab.pretrained import FORMAT, save_authors_checkpoint
+from capi_lab.schedules import Schedules
+
+log = logging.getLogger("capi_lab.train")
+
+
+@dataclass
+class RunConfig:
+    """How a pretraining run is executed (the method itself is in ``capi``)."""
+
+    preset: str = "tiny"
+    """Named preset the CAPI config starts from (tiny, vit_s16, vit_b16, vit_l14)."""
+    data: str = "demo-photos"
+    """Image folder (recursive), text file of image paths, 'fashion-mnist' or 'demo-photos'."""
+    output_dir: str = "runs/capi"
+    """Run folder: config.yaml, metrics.jsonl, logs, checkpoints/, teacher export."""
+    max_steps: int = 1000
+    """Training steps; warmup and decay schedules are stretched to this length."""
+    seed: int = 0
+    """Seed of the initialisation, data order, crops and masks."""
+    accelerator: str = "auto"
+    """'auto', 'cpu', 'cuda', 'gpu', 'mps'."""
+    devices: str = "1"
+    """Devices per node: a number, or 'auto' for all."""
+    num_nodes: int = 1
+    """Number of nodes (launch with torchrun, Slurm or `fabric run`)."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Distribution strategy; 'auto' is DDP on several devices."""
+    precision: Literal["auto", "bf16-mixed", "32-true"] = "auto"
+    """'auto' is bf16-mixed on GPUs and 32-true on CPU."""
+    compile: bool = False
+    """torch.compile the teacher step and the student step."""
+    num_workers: int = -1
+    """Data-loader workers per device; -1 picks min(8, cores / devices - 1)."""
+    log_every: int = 10
+    """Steps between metric lines (metrics.jsonl, loggers, progress bar)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int = 3
+    """Periodic checkpoints kept besides last.ckpt."""
+    capi: CAPIConfig = field(default_factory=CAPIConfig)
+    """The method: model, mask, optim, image_size, batch_size (filled from the preset)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "capi"}
+        return {**run, **self.capi.to_dict()}
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m capi_lab.train",
+        description="Pretrain CAPI. Any config field can be overridden: --optim.lr 5e-4, --mask.strategy block, "
+        "--model.drop-path-rate 0.1, --batch-size 128 ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file of settings (same keys as DIR/config.yaml)")
+    add_dataclass_arguments(parser, RunConfig, flatten=frozenset({"capi"}))
+    return parser
+
+
+def resolve_config(argv: list[str] | None = None) -> RunConfig:
+    """Preset < ``--config`` YAML < command-line flags, validated."""
+    args = vars(build_parser().parse_args(argv))
+    file_cfg = read_yaml(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    flags = nest(args)
+    merged = deep_update(file_cfg, flags)
+    run_names = {f.name for f in dataclasses.fields(RunConfig)} - {"capi"}
+    run_values = {k: merged.pop(k) for k in list(merged) if k in run_names}
+    preset = run_values.get("preset", RunConfig.preset)
+    try:
+        capi = CAPIConfig.from_dict(deep_update(get_preset(preset).to_dict(), merged))
+        run = RunConfig(**run_values, capi=capi)
+    except (ConfigError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if run.max_steps < 1:
+        raise SystemExit("error: --max-steps must be >= 1")
+    grid = run.capi.image_size // run.capi.model.patch_size
+    try:
+        mask_counts(grid * grid, run.capi.mask)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return run
+
+
+# ----------------------------------------------------------------------------- the two step modules
+
+
+class TeacherStep(nn.Module):
+    """Frozen EMA teacher + trainable clustering head; ``forward`` is :func:`teacher_step`. Wrapped by
+    Fabric (DDP/FSDP) so the clustering head's gradients are reduced across ranks."""
+
+    def __init__(self, teacher: CAPIModel, optim: Any):
+        super().__init__()
+        self.backbone, self.clustering_head, self.o = teacher.backbone, teacher.clustering_head, optim
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        o = self.o
+        out = teacher_step(
+            self.backbone, self.clustering_head, images, o.target_temp, o.student_temp, o.sinkhorn_iters,
+            o.sinkhorn_positionwise,
+        )  # fmt: skip
+        return out.targets, out.clustering_loss
+
+
+class StudentStep(nn.Module):
+    """Student backbone + head; ``forward`` is :func:`student_step`."""
+
+    def __init__(self, student: CAPIModel, student_temp: float):
+        super().__init__()
+        self.backbone, self.head, self.student_temp = student.backbone, student.head, student_temp
+
+    def forward(self, images: Tensor, visible: Tensor, predict: Tensor, targets: Tensor) -> Tensor:
+        masks = MaskBatch(torch.empty(0, dtype=torch.bool), visible, predict)
+        return student_step(self.backbone, self.head, images, masks, targets, self.student_temp)
+
+
+@dataclass
+class Trainer:
+    """Everything a step touches, plus the bookkeeping for logs."""
+
+    fabric: Fabric
+    cfg: CAPIConfig
+    student: CAPIModel
+    teacher: CAPIModel
+    student_step: Any
+    teacher_step: Any
+    optimizer: Any
+    clustering_optimizer: Any
+    schedules: Schedules
+    step: int = 0
+
+
+def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool = False, seed: int = 0) -> Trainer:
+    """Models, step modules, optimizers and schedules, set up by Fabric."""
+    with fabric.init_module(empty_init=False):
+        torch.manual_seed(seed)
+        student = CAPIModel(cfg.model, student_head=True, clustering_head=False)
+        teacher = CAPIModel(cfg.model, student_head=True, clustering_head=True)
+    teacher.backbone.load_state_dict(student.backbone.state_dict())
+    teacher.head.load_state_dict(student.head.state_dict())
+    teacher.backbone.requires_grad_(False)
+    teacher.head.requires_grad_(False)
+    teacher.backbone.eval()  # no stochastic depth in the teacher
+    o = cfg.optim
+    groups = param_groups({"backbone": student.backbone, "head": student.head}, o.patch_embed_lr_mult, o.norm_wd_mult)
+    fused = fabric.device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=o.lr, betas=o.betas, fused=fused
+    )
+    clustering_optimizer = torch.optim.AdamW(
+        teacher.clustering_head.parameters(),
+        lr=o.lr,
+        betas=o.betas,
+        weight_decay=o.clustering_weight_decay,
+        fused=fused,
+    )
+    s_step: nn.Module = StudentStep(student, o.student_temp)
+    t_step: nn.Module = TeacherStep(teacher, o)
+    if compile:
+        s_step, t_step = torch.compile(s_step), torch.compile(t_step)
+    s_step, optimizer = fabric.setup(s_step, optimizer)
+    t_step, clustering_optimizer = fabric.setup(t_step, clustering_optimizer)
+    fabric.to_device(teacher)
+    schedules = Schedules(max_steps, o.lr, o.momentum_peak, o.warmup_fraction, o.truncate, o.clustering_lr_ratio)
+    return Trainer(fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules)
+
+
+def train_step(tr: Trainer, images: Tensor, masks: MaskBatch, entropy: bool = True) -> dict[str, Tensor]:
+    """One CAPI step in the paper's order; returns detached device tensors (no host sync).
+
+    ``entropy=False`` skips the target-entropy statistic (a full pass over the ``[b, n, K]`` targets)
+    on steps that are not logged."""
+    fabric, o, step = tr.fabric, tr.cfg.optim, tr.step
+    set_hparams(tr.optimizer, tr.schedules.lr_at(step), o.weight_decay)
+    set_hparams(tr.clustering_optimizer, tr.schedules.clustering_lr_at(step), o.clustering_weight_decay)
+    # (1) teacher on the full images -> targets, clustering loss -> backward into the clustering head
+    targets, clustering_loss = tr.teacher_step(images)
+    fabric.backward(clustering_loss)
+    # (2) student on the visible patches, predictor at the predicted ones -> CAPI loss -> backward
+    capi_loss = tr.student_step(images, masks.visible_indices, masks.predict_indices, targets)
+    fabric.backward(capi_loss)
+    if o.grad_clip is not None:
+        fabric.clip_gradients(tr.student_step, tr.optimizer, max_norm=o.grad_clip)
+    # (3) AdamW step of the student
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    # (4) EMA of the teacher backbone and of the student head's EMA copy
+    momentum = tr.schedules.momentum_at(step)
+    ema_update_(_params(tr.teacher), _params(tr.student), momentum)
+    # (5) clustering-head step
+    tr.clustering_optimizer.step()
+    tr.clustering_optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    with torch.no_grad():
+        used = torch.zeros(targets.shape[-1], dtype=torch.bool, device=targets.device)
+        used[targets.argmax(-1).flatten()] = True
+        out = {"capi_loss": capi_loss.detach(), "clustering_loss": clustering_loss.detach(), "used": used}
+        if entropy:
+            out["target_entropy"] = -torch.special.xlogy(targets, targets).sum(-1).mean()
+    return out
+
+
+def _params(model: CAPIModel) -> list[Tensor]:
+    return list(model.backbone.parameters()) + list(model.head.parameters())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_state(tr: Trainer, run: RunConfig) -> dict[str, Any]:
+    """The one state dict for save/resume; ``teacher`` (with both heads) is what load_pretrained uses."""
+    return {
+        "format": FORMAT,
+        "config": tr.cfg.to_dict(),
+        "run": run.to_dict(),
+        "student": tr.student,
+        "teacher": tr.teacher,
+        "optimizer": tr.optimizer,
+        "clustering_optimizer": tr.clustering_optimizer,
+        "step": tr.step,
+        "stream_position": tr.step * run.capi.batch_size * tr.fabric.world_size,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+
+
+def save_checkpoint(tr: Trainer, run: RunConfig, ckpt_dir: Path) -> Path:
+    """Write ``step_XXXXXXX.ckpt`` atomically (temporary file, then rename) and point ``last.ckpt`` at it
+    with an atomic hard-link swap; keep the ``keep_checkpoints`` newest."""
+    fabric = tr.fabric
+    final = ckpt_dir / f"step_{tr.step:07d}.ckpt"
+    tmp = ckpt_dir / f".{final.name}.tmp"
+    state = checkpoint_state(tr, run)
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    fabric.save(tmp, state)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        os.replace(tmp, final)
+        link_tmp = ckpt_dir / ".last.ckpt.tmp"
+        link_tmp.unlink(missing_ok=True)
+        try:
+            os.link(final, link_tmp)
+        except OSError:  # file systems without hard links
+            import shutil
+
+            shutil.copyfile(final, link_tmp)
+        os.replace(link_tmp, ckpt_dir / "last.ckpt")
+        periodic = sorted(ckpt_dir.glob("step_*.ckpt"))
+        for old in periodic[: max(len(periodic) - run.keep_checkpoints, 0)]:
+            old.unlink()
+    fabric.barrier()
+    return final
+
+
+def load_checkpoint(tr: Trainer, path: Path) -> dict[str, Any]:
+    state = {
+        "student": tr.student,
+        "teacher": tr.teacher,
+        "optimizer": tr.optimizer,
+        "clustering_optimizer": tr.clustering_optimizer,
+    }
+    rest = tr.fabric.load(path, state, weights_only=True)
+    tr.step = int(rest["step"])
+    torch.set_rng_state(rest["rng"]["torch"])
+    random.setstate(_as_tuple(rest["rng"]["python"]))
+    if "cuda" in rest["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rest["rng"]["cuda"])
+    return rest
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class MetricsWindow:
+    """Accumulates step outputs on the device; ``flush`` reduces across ranks (one host sync)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.used: Tensor | None = None
+        self.entropy = torch.tensor(float("nan"))
+        self.n = 0
+        self.t0 = time.perf_counter()
+        self.images = 0
+
+    def add(self, out: dict[str, Tensor], images: int) -> None:
+        for k in ("capi_loss", "clustering_loss"):
+            self.sums[k] = self.sums.get(k, 0) + out[k].float()
+        if "target_entropy" in out:  # computed on logged steps only
+            self.entropy = out["target_entropy"].float()
+        self.used = out["used"] if self.used is None else self.used | out["used"]
+        self.n += 1
+        self.images += images
+
+    def flush(self, fabric: Fabric) -> dict[str, float]:
+        means = {k: v / self.n for k, v in self.sums.items()}
+        means["target_entropy"] = self.entropy
+        means = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in means.items()}
+        used = fabric.all_reduce(self.used.float(), reduce_op="sum")
+        dt = time.perf_counter() - self.t0
+        out = {**means, "prototypes_used": int((used > 0).sum()), "images_per_s": self.images * fabric.world_size / dt}
+        self.__init__()
+        return out
+
+
+def make_loader(run: RunConfig, fabric: Fabric, source: Any, start_step: int) -> torch.utils.data.DataLoader:
+    cfg = run.capi
+    grid = (cfg.image_size // cfg.model.patch_size,) * 2
+    workers = run.num_workers
+    if workers < 0:
+        workers = max(0, min(8, (os.cpu_count() or 1) // max(fabric.local_rank + 1, 1) - 1))
+        workers = min(workers, max((os.cpu_count() or 1) // max(torch.cuda.device_count(), 1) - 1, 0))
+    return torch.utils.data.DataLoader(
+        PretrainStream(source, cfg.image_size, run.seed),
+        batch_size=cfg.batch_size,
+        sampler=StreamSampler(cfg.batch_size, fabric.global_rank, fabric.world_size, start_step),
+        collate_fn=MaskCollator(grid, cfg.mask, run.seed),
+        num_workers=workers,
+        pin_memory=fabric.device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+class NaNLossError(RuntimeError):
+    pass
+
+
+def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
+    out_dir = Path(run.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed)
+    last = ckpt_dir / "last.ckpt"
+    if last.exists():
+        load_checkpoint(tr, last)
+        fabric.print(f"resuming from {last} at step {tr.step}")
+    if tr.step >= run.max_steps:
+        fabric.print(f"nothing to do: the checkpoint is at step {tr.step} >= --max-steps {run.max_steps}")
+        return tr
+    loader = iter(make_loader(run, fabric, source, tr.step))
+    metrics_file = out_dir / "metrics.jsonl"
+    window = MetricsWindow()
+    bar = tqdm(total=run.max_steps, initial=tr.step, disable=fabric.global_rank != 0, desc="train", dynamic_ncols=True)
+    skipped = 0
+    nan_steps: list[int] = []
+    pending: tuple[int, Tensor] | None = None
+    while tr.step < run.max_steps:
+        batch: Batch = next(loader)
+        skipped += batch.skipped
+        batch = batch_to(batch, fabric.to_device)
+        logged = (tr.step + 1) % run.log_every == 0 or tr.step + 1 == run.max_steps
+        out = train_step(tr, batch.images, batch.masks, entropy=logged)
+        window.add(out, batch.images.shape[0])
+        # NaN check one step late: reading the previous loss does not stall the device queue
+        if pending is not None:
+            _check_nan(pending, nan_steps, ckpt_dir)
+        pending = (tr.step, out["capi_loss"] + out["clustering_loss"])
+        bar.update(1)
+        if logged:
+            m = window.flush(fabric)
+            total_skipped = int(fabric.all_reduce(torch.tensor(float(skipped), device=fabric.device), reduce_op="sum"))
+            row = {
+                "step": tr.step,
+                **m,
+                "lr": tr.schedules.lr_at(tr.step - 1),
+                "momentum": tr.schedules.momentum_at(tr.step - 1),
+                "clustering_lr": tr.schedules.clustering_lr_at(tr.step - 1),
+                "skipped_images": total_skipped,
+            }
+            fabric.log_dict({k: v for k, v in row.items() if k != "step"}, step=tr.step)
+            if fabric.global_rank == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{m['capi_loss']:.3f}", img_s=f"{m['images_per_s']:.0f}", refresh=False)
+        if tr.step % run.checkpoint_every == 0 or tr.step == run.max_steps:
+            _check_nan(pending, nan_steps, ckpt_dir)
+            if not nan_steps:
+                save_checkpoint(tr, run, ckpt_dir)
+    bar.close()
+    if fabric.global_rank == 0:
+        export = save_authors_checkpoint(tr.teacher, out_dir / "teacher_authors.pth", include_heads=True)
+        fabric.print(f"done: {tr.step} steps; checkpoint {last}; teacher in the authors' layout: {export}")
+    for logger in fabric.loggers:
+        logger.finalize("success")
+    return tr
+
+
+def _check_nan(pending: tuple[int, Tensor], nan_steps: list[int], ckpt_dir: Path) -> None:
+    step, loss = pending
+    if nan_steps and nan_steps[-1] == step:
+        return
+    if math.isfinite(float(loss)):
+        nan_steps.clear()
+        return
+    nan_steps.append(step)
+    if len(nan_steps) >= 3:
+        raise NaNLossError(
+            f"the loss was NaN/inf for 3 steps in a row (steps {nan_steps[0]}-{nan_steps[-1]}); stopping. "
+            f"The last good checkpoint is left in place at {ckpt_dir / 'last.ckpt'}. "
+            "Lower --optim.lr, add --optim.grad-clip 3.0, or train with --precision 32-true"
+        )
+
+
+def make_fabric(run: RunConfig) -> Fabric:
+    out_dir = Path(run.output_dir)
+    precision = run.precision
+    cuda = run.accelerator in ("cuda", "gpu") or (run.accelerator == "auto" and torch.cuda.is_available())
+    if precision == "auto":
+        precision = "bf16-mixed" if cuda else "32-true"
+    strategy: Any = run.strategy
+    if run.strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+
+        strategy = FSDPStrategy(state_dict_type="full")
+    # version=None: a resumed run gets version_1, version_2, ... instead of overwriting earlier logs
+    loggers: list[Any] = [CSVLogger(str(out_dir), name="csv_logs")]
+    try:
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard"))
+    except ImportError:
+        pass
+    devices: Any = int(run.devices) if run.devices.isdigit() else run.devices
+    return Fabric(
+        accelerator=run.accelerator,
+        devices=devices,
+        num_nodes=run.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        loggers=loggers,
+    )
+
+
+def check_resume_config(run: RunConfig) -> None:
+    """A run folder with a checkpoint must be resumed with the same method config."""
+    saved = Path(run.output_dir) / "config.yaml"
+    if not (Path(run.output_dir) / "checkpoints" / "last.ckpt").exists() or not saved.exists():
+        return
+    old = read_yaml(saved)
+    old_capi = CAPIConfig.from_dict(
+        {k: v for k, v in old.items() if k in ("model", "mask", "optim", "image_size", "batch_size")}
+    )
+    if old_capi != run.capi:
+        diff = [k for k, (a, b) in _flat_pairs(old_capi.to_dict(), run.capi.to_dict()).items() if a != b]
+        raise SystemExit(
+            f"error: {run.output_dir} holds a checkpoint of a run with different settings ({', '.join(diff)}). "
+            "Rerun with the same settings to resume, or choose a new --output-dir"
+        )
+
+
+def _flat_pairs(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out = {}
+    for k in a:
+        if isinstance(a[k], dict):
+            out.update(_flat_pairs(a[k], b.get(k, {}), f"{prefix}{k}."))
+        else:
+            out[prefix + k] = (a[k], b.get(k))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="[capi_lab] %(levelname)s %(message)s")
+    run = resolve_config(argv)
+    try:
+        source = resolve_source(run.data)  # a bad --data fails here, before any model is built
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    check_resume_config(run)
+    fabric = make_fabric(run)
+    fabric.launch()
+    out_dir = Path(run.output_dir)
+    if fabric.global_rank == 0:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_yaml(out_dir / "config.yaml", run.to_dict())
+        fabric.print(f"config ({out_dir / 'config.yaml'}):\n" + json.dumps(run.to_dict(), indent=1))
+        fabric.print(f"data: {run.data} ({len(source)} images)")
+    fabric.barrier()
+    try:
+        fit(fabric, run, source)
+    except NaNLossError as e:
+        fabric.print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capi_lab.config import MaskConfig
+from capi_lab.data import (
+    FASHION_MNIST_DIR,
+    DataError,
+    MaskCollator,
+    PretrainStream,
+    StreamSampler,
+    demo_photo_paths,
+    resolve_source,
+)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(tmp_path / f"{i}.png")
+    return tmp_path
+
+
+def _loader(source, workers, start_step=0, rank=0, world=1):
+    return torch.utils.data.DataLoader(
+        PretrainStream(source, 16, seed=3),
+        batch_size=4,
+        sampler=StreamSampler(4, rank, world, start_step),
+        collate_fn=MaskCollator((4, 4), MaskConfig(prediction_subsampling=0.5), seed=3),
+        num_workers=workers,
+    )
+
+
+def test_stream_is_a_function_of_position_whatever_the_workers(folder):
+    src = resolve_source(folder)
+    it0, it2 = iter(_loader(src, 0)), iter(_loader(src, 2))
+    for _ in range(4):  # crosses an epoch boundary (10 images, 4 per batch)
+        a, b = next(it0), next(it2)
+        assert torch.equal(a.images, b.images) and torch.equal(a.masks.masks, b.masks.masks)
+        assert torch.equal(a.masks.predict_indices, b.masks.predict_indices)
+    # starting at step 3 gives exactly the 4th batch: resuming mid-epoch
+    later = next(iter(_loader(src, 0, start_step=3)))
+    assert torch.equal(later.images, a.images) and torch.equal(later.positions, a.positions)
+
+
+def test_epochs_are_permutations_and_ranks_disjoint(folder):
+    src = resolve_source(folder)
+    stream = PretrainStream(src, 16, seed=0)
+    first = [stream._index(p) for p in range(10)]
+    second = [stream._index(p) for p in range(10, 20)]
+    assert sorted(first) == list(range(10)) == sorted(second) and first != second
+    r0 = next(iter(_loader(src, 0, rank=0, world=2))).positions.tolist()
+    r1 = next(iter(_loader(src, 0, rank=1, world=2))).positions.tolist()
+    assert r0 == [0, 1, 2, 3] and r1 == [4, 5, 6, 7]
+
+
+def test_demo_photos_are_real_photos():
+    paths = demo_photo_paths()
+    assert len(paths) >= 15
+    src = resolve_source("demo-photos")
+    img = src.load(0)
+    assert img.mode == "RGB" and min(img.size) >= 200
+
+
+def test_fashion_mnist_from_the_debian_package():
+    if not FASHION_MNIST_DIR.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{FASHION_MNIST_DIR} is missing: .ci/run installs dataset-fashion-mnist")
+        pytest.skip("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+    train, test = resolve_source("fashion-mnist"), resolve_source("fashion-mnist:test")
+    assert len(train) == 60000 and len(test) == 10000
+    assert train.images.shape == (60000, 28, 28) and set(np.unique(test.labels)) == set(range(10))
+    assert train.load(0).size == (28, 28) and train.load(0).mode == "RGB"
+    with pytest.raises(DataError, match="split"):
+        resolve_source("fashion-mnist:val")
+
+
+def test_list_file_relative_paths(folder):
+    (folder / "list.txt").write_text("# my images\n0.png\n\n3.png\n")
+    src = resolve_source(folder / "list.txt")
+    assert len(src) == 2 and src.load(1).size == (24, 20)
+    (folder / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(DataError, match="names no images"):
+        resolve_source(folder / "empty.txt")
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    from lightning.fabric import Fabric
+
+    from capi_lab.config import get_preset, with_overrides
+    from capi_lab.masking import sample_masks
+    from capi_lab.train import build_trainer, train_step
+
+    cfg = with_overrides(get_preset("tiny"), batch_size=16, **{"model.num_prototypes": 64})
+    fabric = Fabric(accelerator="cpu", devices=1)
+    x = torch.randn(16, 3, 28, 28)
+    m = sample_masks(16, 7, 7, cfg.mask, rng=0)
+    losses = {}
+    for compiled in (False, True):
+        tr = build_trainer(fabric, cfg, 100, compile=compiled, seed=0)
+        losses[compiled] = [float(train_step(tr, x, m)["capi_loss"]) for _ in range(3)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4)

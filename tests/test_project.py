@@ -1,0 +1,56 @@
+"""The project's own contract: install files agree, the README's commands are the ones CI runs."""
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from capi_lab.train import resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- setup -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md must hold the set-up commands in a ```bash block after <!-- setup -->"
+    return [ln.strip() for ln in block.group(1).splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    cmds = _readme_commands()
+    assert len(cmds) == 2
+    run_cmd, test_cmd = cmds
+    assert "python3 -m venv .venv" in run_cmd and "python3 -m venv .venv" in test_cmd
+    assert "pytest" in test_cmd
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci, ".ci/run must run the README's test command verbatim"
+
+
+def test_readme_main_job_arguments_are_valid():
+    run_cmd = _readme_commands()[0]
+    args = shlex.split(run_cmd.split("-m capi_lab.train", 1)[1].split("&&")[0])
+    run = resolve_config(args)  # raises SystemExit on a bad flag
+    assert run.max_steps >= 1
+
+
+def test_environment_yml_installs_the_same_package():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    major_minor = python.split("=")[1]
+    assert project["requires-python"] == f">={major_minor}"
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert pip == ["-e .[dev]"], "conda users get the package with the same extras as the README"
+    readme_install = re.search(r'pip install -q -e "(\.\[[a-z,]+\])"', _readme_commands()[1]).group(1)
+    assert readme_install == ".[dev]"
+
+
+def test_pinned_torch_matches_the_machine_wheels():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+    for need in ("timm", "lightning", "gradio", "plotly", "ipywidgets", "umap-learn", "jupyterlab"):
+        assert any(d.startswith(need) for d in deps), need

@@ -1,0 +1,277 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import capi_lab
+from capi_lab import train
+from capi_lab.train import main, resolve_config
+
+TINY = ["--preset", "tiny", "--num-workers", "0", "--batch-size", "8", "--model.num-prototypes", "64"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A small folder of generated images with class sub-folders."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        sub = root / f"class_{i % 3}"
+        sub.mkdir(exist_ok=True)
+        a = (rng.random((36, 44, 3)) * 255).astype("uint8")
+        a[: 10 + i % 7] //= 2
+        Image.fromarray(a).save(sub / f"{i}.png")
+    return root
+
+
+def _metrics(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_everything(images, tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "6", "--log-every", "2",
+                 "--checkpoint-every", "2", "--keep-checkpoints", "2"]) == 0  # fmt: skip
+    assert (out / "config.yaml").exists()
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    need = {
+        "step",
+        "capi_loss",
+        "clustering_loss",
+        "target_entropy",
+        "lr",
+        "momentum",
+        "prototypes_used",
+        "images_per_s",
+    }
+    assert need <= rows[0].keys()
+    assert all(np.isfinite(r["capi_loss"]) and 0 < r["prototypes_used"] <= 64 for r in rows)
+    assert 0 < rows[-1]["target_entropy"] < np.log(64)
+    assert rows[0]["momentum"] < 1.0 and rows[0]["lr"] > rows[-1]["lr"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step_0000004.ckpt", "step_0000006.ckpt"]
+    assert list((out / "csv_logs").rglob("metrics.csv"))
+    # the checkpoint and the authors'-layout export both load, and agree
+    a = capi_lab.load_pretrained(out / "checkpoints" / "last.ckpt")
+    b = capi_lab.load_pretrained(out / "teacher_authors.pth")
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert all(torch.equal(u, v) for u, v in zip(a(x), b(x), strict=True))
+    ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {
+        "student",
+        "teacher",
+        "optimizer",
+        "clustering_optimizer",
+        "step",
+        "stream_position",
+        "rng",
+        "config",
+    } <= ck.keys()
+    assert ck["step"] == 6 and ck["stream_position"] == 48
+    # the saved config reproduces the run's settings
+    again = resolve_config(["--config", str(out / "config.yaml")])
+    assert again.capi == resolve_config([*TINY, "--data", str(images)]).capi
+
+
+def test_resume_is_exact(images, tmp_path, monkeypatch):
+    common = [*TINY, "--data", str(images), "--log-every", "1", "--max-steps", "8", "--checkpoint-every", "4"]
+    main([*common, "--output-dir", str(tmp_path / "once")])
+    # the same run interrupted after step 4 (just after its checkpoint), then the same command again
+    real = train.train_step
+
+    def interrupted(tr, *args, **kwargs):
+        if tr.step == 4:
+            raise KeyboardInterrupt
+        return real(tr, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--output-dir", str(tmp_path / "twice")])
+    monkeypatch.setattr(train, "train_step", real)
+    main([*common, "--output-dir", str(tmp_path / "twice")])
+    once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
+    assert [r["step"] for r in twice] == list(range(1, 9))
+    for key in ("capi_loss", "clustering_loss", "target_entropy"):
+        assert [r[key] for r in once] == [r[key] for r in twice], key
+
+
+def test_resume_with_other_settings_is_refused(images, tmp_path):
+    out = tmp_path / "r"
+    main([*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "2"])
+    with pytest.raises(SystemExit, match="different settings.*model.embed_dim"):
+        main([*TINY, "--data", str(images), "--output-dir", str(out), "--model.embed-dim", "64"])
+
+
+def _cmd(images, out, steps):
+    return [sys.executable, "-m", "capi_lab.train", *TINY, "--data", str(images), "--output-dir", str(out),
+            "--max-steps", str(steps), "--checkpoint-every", "5", "--log-every", "5"]  # fmt: skip
+
+
+def test_sigkill_then_same_command_continues(images, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(images, out, 400), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step_0000010.ckpt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    step_at_kill = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["step"]
+    assert 10 <= step_at_kill < 400
+    res = subprocess.run(_cmd(images, out, step_at_kill + 10), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoints' / 'last.ckpt'} at step {step_at_kill}" in res.stdout
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["step"] == step_at_kill + 10
+
+
+KILL_DURING_SAVE = r"""
+import os, signal, sys, torch
+from lightning.fabric import Fabric
+from capi_lab.config import get_preset, with_overrides
+from capi_lab.train import RunConfig, build_trainer, save_checkpoint
+cfg = with_overrides(get_preset("tiny"), **{"model.num_prototypes": 16})
+run = RunConfig(output_dir=sys.argv[1], capi=cfg)
+fabric = Fabric(accelerator="cpu", devices=1)
+tr = build_trainer(fabric, cfg, 10)
+tr.step = 1
+save_checkpoint(tr, run, __import__("pathlib").Path(sys.argv[1]))
+import lightning.fabric.plugins.io.torch_io as torch_io
+def dying_save(checkpoint, path):  # the process dies half-way through writing the file
+    with open(path, "wb") as fh:
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+torch_io._atomic_save = dying_save
+tr.step = 2
+save_checkpoint(tr, run, __import__("pathlib").Path(sys.argv[1]))
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    res = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], capture_output=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the interrupted write
+    ck = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ck["step"] == 1
+    assert capi_lab.load_pretrained(tmp_path / "last.ckpt") is not None
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch, capsys):
+    real = train.student_step
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(train, "student_step", sometimes_nan)
+    out = tmp_path / "nan"
+    code = main(
+        [*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "20", "--checkpoint-every", "2"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf for 3 steps in a row (steps 5-7)" in err and "last.ckpt" in err
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 4
+
+
+def _write_bad_folder(root: Path) -> None:
+    rng = np.random.default_rng(1)
+    good = (rng.random((40, 40, 3)) * 255).astype("uint8")
+    for i in range(6):
+        Image.fromarray(np.roll(good, i, 0)).save(root / f"good_{i}.jpg")
+    Image.fromarray(good).save(root / "full.jpg")
+    data = (root / "full.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "full.jpg").unlink()
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "notes.jpg").write_text("this is a text file with an image extension")
+    Image.fromarray(good).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray((rng.random((30, 30)) * 65535).astype(np.uint16)).save(root / "sixteen.png")
+    assert Image.open(root / "sixteen.png").mode.startswith("I")
+    Image.fromarray(np.dstack([good, np.full((40, 40), 128, np.uint8)])).save(root / "rgba.png")
+    Image.fromarray(good[:1, :1]).save(root / "one_pixel.png")
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path, caplog):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    _write_bad_folder(folder)
+    out = tmp_path / "run"
+    args = [*TINY, "--data", str(folder), "--output-dir", str(out), "--max-steps", "6", "--log-every", "3"]
+    with caplog.at_level("WARNING", logger="capi_lab.data"):
+        assert main(args) == 0
+    warned = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert sorted(Path(m.split()[1].rstrip(":")).name for m in warned) == ["notes.jpg", "truncated.jpg", "zero.jpg"]
+    rows = _metrics(out)
+    assert rows[-1]["skipped_images"] >= 3 and np.isfinite(rows[-1]["capi_loss"])
+
+
+def test_sixteen_bit_and_cmyk_are_converted_not_clipped(tmp_path):
+    from capi_lab.data import FileImages
+
+    _write_bad_folder(tmp_path)
+    src = FileImages([tmp_path / "sixteen.png", tmp_path / "cmyk.jpg", tmp_path / "rgba.png"])
+    sixteen = np.asarray(src.load(0))
+    assert sixteen.dtype == np.uint8 and 60 < sixteen.mean() < 200 and sixteen.std() > 30  # not all white
+    assert all(src.load(i).mode == "RGB" for i in range(3))
+
+
+@pytest.mark.parametrize("spec,message", [("MISSING", "no such file or folder"), ("EMPTY", "holds no image files")])
+def test_bad_data_spec_fails_before_any_model(tmp_path, monkeypatch, spec, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    data = {"MISSING": str(tmp_path / "nope"), "EMPTY": str(tmp_path / "empty")}[spec]
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: pytest.fail("built a model"))
+    with pytest.raises(SystemExit, match=message):
+        main([*TINY, "--data", data, "--output-dir", str(tmp_path / "o")])
+
+
+def test_list_file_and_cli_overrides(images, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(images.rglob("*.png"))[:5]) + "\n")
+    yaml_cfg = tmp_path / "c.yaml"
+    yaml_cfg.write_text("preset: tiny\noptim:\n  lr: 2.0e-3\nmask:\n  strategy: block\nbatch_size: 16\n")
+    run = resolve_config(["--config", str(yaml_cfg), "--optim.lr", "5e-4", "--data", str(listing)])
+    assert run.capi.optim.lr == 5e-4  # flag beats file
+    assert run.capi.mask.strategy == "block" and run.capi.batch_size == 16  # file beats preset
+    assert run.capi.model.embed_dim == 128  # preset
+    with pytest.raises(SystemExit):
+        resolve_config(["--mask.strategy", "diagonal"])
+    with pytest.raises(SystemExit, match="image_size=30"):
+        resolve_config(["--image-size", "30"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_trains(images, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "capi_lab.train", *TINY, "--data", str(images), "--output-dir", str(out),
+           "--max-steps", "4", "--log-every", "2", "--accelerator", "cpu", "--devices", "2",
+           "--strategy", "ddp"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [2, 4] and np.isfinite(rows[-1]["capi_loss"])
+    ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ck["stream_position"] == 4 * 8 * 2  # two ranks, batch 8 each
+
+
+@pytest.mark.slow
+def test_loss_goes_down_on_real_photos(tmp_path):
+    out = tmp_path / "photos"
+    args = ["--preset", "tiny", "--num-workers", "0", "--data", "demo-photos", "--output-dir", str(out),
+            "--max-steps", "100", "--log-every", "10", "--batch-size", "32", "--image-size", "32"]  # fmt: skip
+    assert main(args) == 0
+    losses = [r["capi_loss"] for r in _metrics(out)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.1
