@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--profile", default=None, help="write a table of the top kernels of 3 profiled steps here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,6 +82,17 @@ def main() -> None:
         sync()
         times.append(time.perf_counter() - t0)
     loss = float(out["capi_loss"])
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for i in range(3):
+                train_step(tr, images, masks[i % 4])
+            sync()
+        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        with open(args.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90))
     med = statistics.median(times)
     q = statistics.quantiles(times, n=10)
     result = {

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from capi_lab.masking import MaskBatch
@@ -29,26 +29,43 @@ def soft_cross_entropy(
 
 class TeacherOutput(NamedTuple):
     targets: Tensor
-    """Sinkhorn-balanced soft assignments ``[b, n, K]`` of every patch (no gradient)."""
+    """Sinkhorn-balanced soft assignments (no gradient): ``[b, n_pred, K]`` at the predicted positions, or
+    ``[b, n, K]`` for every patch when no indices were given."""
     clustering_loss: Tensor
-    """Cross-entropy of the clustering head's softmax against ``targets`` (gradient into the head only)."""
+    """Cross-entropy of the clustering head's softmax against the assignments of every patch (gradient
+    into the head only)."""
+    assignments: Tensor
+    """``[b, n]`` argmax prototype of every patch (for prototype-usage statistics)."""
+    target_entropy: Tensor
+    """Mean entropy of the assignments (a health signal; about 0.5 is healthy at K = 16384)."""
 
 
 def teacher_step(
     teacher: CAPIBackbone,
     clustering_head: ClusteringHead,
     images: Float[Tensor, "b 3 H W"],
+    predict_indices: Int[Tensor, " n_pred_total"] | None = None,
     target_temp: float = 0.06,
     student_temp: float = 0.12,
     sinkhorn_iters: int = 3,
     positionwise: bool = True,
 ) -> TeacherOutput:
-    """Teacher forward on the full images, clustering logits, Sinkhorn targets and clustering loss."""
+    """Teacher forward on the full images, clustering logits, Sinkhorn targets and clustering loss.
+
+    Everything derived from the ``[b, n, K]`` assignments is reduced here (loss, entropy, argmax, rows at
+    ``predict_indices``), so a compiled step never has to write the full assignment tensor out.
+    """
     with torch.no_grad():
         feats = teacher.encode(images).tokens[:, teacher.num_registers :]  # (b, n, D), enc_norm applied
-    logits = clustering_head(feats.detach())
-    targets = teacher_targets(logits.detach(), target_temp, sinkhorn_iters, positionwise)
-    return TeacherOutput(targets, soft_cross_entropy(logits, targets, student_temp))
+    logits = clustering_head(feats.detach())  # (b, n, K)
+    with torch.no_grad():
+        q = teacher_targets(logits.detach(), target_temp, sinkhorn_iters, positionwise)
+        entropy = -torch.special.xlogy(q, q).sum(-1).mean()
+        assignments = q.argmax(-1)
+        targets = q if predict_indices is None else q.flatten(0, 1)[predict_indices].view(q.shape[0], -1, q.shape[-1])
+    log_p = F.log_softmax(logits.float() / student_temp, dim=-1)
+    clustering_loss = -(q * log_p).sum(-1).mean()
+    return TeacherOutput(targets, clustering_loss, assignments, entropy)
 
 
 def student_step(
@@ -56,12 +73,12 @@ def student_step(
     head: StudentHead,
     images: Float[Tensor, "b 3 H W"],
     masks: MaskBatch,
-    targets: Float[Tensor, "b n k"],
+    targets: Float[Tensor, "b n_pred k"],
     student_temp: float = 0.12,
 ) -> Float[Tensor, ""]:
     """CAPI loss: the student sees the visible patches, the predictor scores the ``predict_indices``
-    positions, and the head's logits are matched to the teacher's assignments there."""
+    positions, and the head's logits are matched to the teacher's assignments there (``targets``, as
+    :func:`teacher_step` returns them for the same indices)."""
     context = student.encode(images, masks.visible_indices)
     logits = head(student.predict(context, masks.predict_indices))  # (b, n_pred, K)
-    t = targets.flatten(0, 1)[masks.predict_indices].view_as(logits)
-    return soft_cross_entropy(logits, t.detach(), student_temp)
+    return soft_cross_entropy(logits, targets.detach(), student_temp)

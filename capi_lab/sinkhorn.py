@@ -4,6 +4,22 @@ The position-wise variant balances, for every patch position separately, how muc
 is used across the images of the (global) batch. Under ``torch.distributed`` the image axis is split
 across ranks, so the max and the image-axis sums are all-reduced: every rank gets exactly what a
 single process would compute on the concatenated batch.
+
+The iterations are carried out on the two Sinkhorn scalings in log space ("potentials"): with
+``q = exp(z + log_u + log_v)``, dividing by the sum over images updates ``log_u`` (one value per
+position and prototype), and dividing by the sum over prototypes updates ``log_v`` (one value per
+token). This is exactly the spec's alternating normalisation of ``exp(z - max + 50)``, but
+
+* it cannot underflow: with the exp form a token whose scores sit ~150 below every prototype's best
+  image becomes a row of zeros and then NaN;
+* only the small scaling vectors are written between iterations, never a full ``[b, n, K]`` tensor,
+  so a compiled step reads the logits once per half-iteration (``[256, 196, 16384]`` fp32 would be
+  3.3 GB per pass at ViT-B / batch 256).
+
+Run eagerly (no torch.compile) that form materialises several temporaries per half-iteration, so
+there the first iteration is done on logarithms and the rest on the assignments themselves, which
+is the same computation again: after one log-space iteration every column holds an entry >= 1/B and
+every row one >= 1/K, so the multiplicative iterations cannot underflow either.
 """
 
 from __future__ import annotations
@@ -19,60 +35,68 @@ def _distributed() -> bool:
 
 
 def _logsumexp_images(x: Tensor) -> Tensor:
-    """``logsumexp`` over the image axis (dim 1) of the global batch: max and sum are all-reduced."""
-    m = x.amax(dim=1, keepdim=True).detach()
+    """``logsumexp`` over the image axis (dim 0) of the global batch: max and sum are all-reduced."""
+    m = x.amax(dim=0, keepdim=True).detach()
     if _distributed():
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = torch.exp(x - m).sum(dim=1, keepdim=True)
+    s = torch.exp(x - m).sum(dim=0, keepdim=True)
     if _distributed():
         dist.all_reduce(s, op=dist.ReduceOp.SUM)
     return m + torch.log(s)
 
 
-def _sum_images(q: Tensor) -> Tensor:
-    s = q.sum(dim=1, keepdim=True)
-    if _distributed():
-        dist.all_reduce(s, op=dist.ReduceOp.SUM)
-    return s
+def sinkhorn_potentials(
+    z: Float[Tensor, "b n k"], n_iter: int = 3
+) -> tuple[Float[Tensor, "1 n k"], Float[Tensor, "b n 1"]]:
+    """Log-scalings with ``exp(z + log_u + log_v)`` balanced: images on axis 0 (split across ranks),
+    positions on axis 1 (balanced separately), prototypes on axis 2. Computed in fp32."""
+    z = z.float()
+    log_v = None
+    for _ in range(n_iter):
+        log_u = -_logsumexp_images(z if log_v is None else z + log_v)  # columns: sum over images
+        log_v = -torch.logsumexp(z + log_u, dim=2, keepdim=True)  # rows: sum over prototypes
+    return log_u, log_v
 
 
-def sinkhorn_knopp(logits: Float[Tensor, "n b k"], n_iter: int = 3) -> Float[Tensor, "n b k"]:
-    """Balance ``logits`` arranged ``[positions, images, prototypes]`` (temperature already applied).
-
-    Each iteration divides by the sum over the image axis (per position and prototype), then by the
-    sum over the prototype axis (per token), so every token's assignment sums to 1 and, per position,
-    prototypes get even mass across images. Computed in fp32 whatever the input dtype.
-
-    The first iteration is done on logarithms (``x - logsumexp``): the same computation as the spec's
-    ``exp(x - max + 50)`` followed by divisions, but it cannot underflow (with the exp form, a token
-    whose scores sit ~150 below every prototype's best image becomes a row of zeros, then NaN). After
-    it every column holds an entry >= 1/B and every row one >= 1/K, so the remaining iterations run
-    in the cheaper multiplicative form without that risk.
-
-    For the standard (not position-wise) variant see :func:`sinkhorn_standard`.
-    """
-    x = logits.float()
+def sinkhorn_eager(z: Float[Tensor, "b n k"], n_iter: int = 3) -> Float[Tensor, "b n k"]:
+    """The same balancing as ``exp(z + sinkhorn_potentials(z))``, cheaper without a compiler: one
+    iteration on logarithms, then the usual multiplicative iterations on the assignments."""
+    x = z.float()
     x = x - _logsumexp_images(x)
-    x = x - torch.logsumexp(x, dim=2, keepdim=True)
-    q = torch.exp(x)
+    q = torch.softmax(x, dim=2)
     for _ in range(n_iter - 1):
-        q = q / _sum_images(q)
+        s = q.sum(dim=0, keepdim=True)
+        if _distributed():
+            dist.all_reduce(s, op=dist.ReduceOp.SUM)
+        q = q / s
         q = q / q.sum(dim=2, keepdim=True)
     return q
-
-
-def sinkhorn_standard(logits: Float[Tensor, "t k"], n_iter: int = 3) -> Float[Tensor, "t k"]:
-    """The standard variant: all tokens of all images (and ranks) form one axis to balance over."""
-    return sinkhorn_knopp(logits[None], n_iter)[0]
 
 
 def teacher_targets(
     logits: Float[Tensor, "b n k"], temperature: float = 0.06, n_iter: int = 3, positionwise: bool = True
 ) -> Float[Tensor, "b n k"]:
-    """Soft cluster assignments of every patch token from clustering-head logits ``[images, positions, K]``."""
+    """Soft cluster assignments of every patch token from clustering-head logits ``[images, positions, K]``:
+    each token's row sums to 1; per position, prototypes get even mass across the (global) batch."""
     z = logits.float() / temperature
-    if positionwise:
-        return sinkhorn_knopp(z.transpose(0, 1), n_iter).transpose(0, 1)
     b, n, k = z.shape
-    return sinkhorn_standard(z.reshape(b * n, k), n_iter).view(b, n, k)
+    if not positionwise:  # one axis of all tokens (of all images and ranks) to balance over
+        z = z.reshape(b * n, 1, k)
+    if torch.compiler.is_compiling():
+        log_u, log_v = sinkhorn_potentials(z, n_iter)
+        q = torch.exp(z + log_u + log_v)
+    else:
+        q = sinkhorn_eager(z, n_iter)
+    return q.view(b, n, k)
+
+
+def sinkhorn_knopp(logits: Float[Tensor, "n b k"], n_iter: int = 3) -> Float[Tensor, "n b k"]:
+    """Position-wise Sinkhorn-Knopp in the spec's ``[positions, images, prototypes]`` layout
+    (temperature already applied): per iteration, divide by the sum over images, then over prototypes."""
+    return teacher_targets(logits.transpose(0, 1), 1.0, n_iter).transpose(0, 1)
+
+
+def sinkhorn_standard(logits: Float[Tensor, "t k"], n_iter: int = 3) -> Float[Tensor, "t k"]:
+    """The standard variant: all tokens (of all images and ranks) form one axis to balance over."""
+    return teacher_targets(logits[:, None], 1.0, n_iter, positionwise=False)[:, 0]

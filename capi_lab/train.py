@@ -135,13 +135,14 @@ class TeacherStep(nn.Module):
         super().__init__()
         self.backbone, self.clustering_head, self.o = teacher.backbone, teacher.clustering_head, optim
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, predict_indices: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         o = self.o
-        out = teacher_step(
-            self.backbone, self.clustering_head, images, o.target_temp, o.student_temp, o.sinkhorn_iters,
-            o.sinkhorn_positionwise,
+        return tuple(
+            teacher_step(
+                self.backbone, self.clustering_head, images, predict_indices, o.target_temp, o.student_temp,
+                o.sinkhorn_iters, o.sinkhorn_positionwise,
+            )
         )  # fmt: skip
-        return out.targets, out.clustering_loss
 
 
 class StudentStep(nn.Module):
@@ -170,6 +171,11 @@ class Trainer:
     clustering_optimizer: Any
     schedules: Schedules
     step: int = 0
+    ema_pairs: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
+    """(teacher, student) parameters of the backbones and student heads, in matching order."""
+
+    def __post_init__(self) -> None:
+        self.ema_pairs = (_params(self.teacher), _params(self.student))
 
 
 def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool = False, seed: int = 0) -> Trainer:
@@ -207,16 +213,13 @@ def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool
     return Trainer(fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules)
 
 
-def train_step(tr: Trainer, images: Tensor, masks: MaskBatch, entropy: bool = True) -> dict[str, Tensor]:
-    """One CAPI step in the paper's order; returns detached device tensors (no host sync).
-
-    ``entropy=False`` skips the target-entropy statistic (a full pass over the ``[b, n, K]`` targets)
-    on steps that are not logged."""
+def train_step(tr: Trainer, images: Tensor, masks: MaskBatch) -> dict[str, Tensor]:
+    """One CAPI step in the paper's order; returns detached device tensors (no host sync)."""
     fabric, o, step = tr.fabric, tr.cfg.optim, tr.step
     set_hparams(tr.optimizer, tr.schedules.lr_at(step), o.weight_decay)
     set_hparams(tr.clustering_optimizer, tr.schedules.clustering_lr_at(step), o.clustering_weight_decay)
     # (1) teacher on the full images -> targets, clustering loss -> backward into the clustering head
-    targets, clustering_loss = tr.teacher_step(images)
+    targets, clustering_loss, assignments, entropy = tr.teacher_step(images, masks.predict_indices)
     fabric.backward(clustering_loss)
     # (2) student on the visible patches, predictor at the predicted ones -> CAPI loss -> backward
     capi_loss = tr.student_step(images, masks.visible_indices, masks.predict_indices, targets)
@@ -227,19 +230,19 @@ def train_step(tr: Trainer, images: Tensor, masks: MaskBatch, entropy: bool = Tr
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
     # (4) EMA of the teacher backbone and of the student head's EMA copy
-    momentum = tr.schedules.momentum_at(step)
-    ema_update_(_params(tr.teacher), _params(tr.student), momentum)
+    ema_update_(tr.ema_pairs[0], tr.ema_pairs[1], tr.schedules.momentum_at(step))
     # (5) clustering-head step
     tr.clustering_optimizer.step()
     tr.clustering_optimizer.zero_grad(set_to_none=True)
     tr.step += 1
-    with torch.no_grad():
-        used = torch.zeros(targets.shape[-1], dtype=torch.bool, device=targets.device)
-        used[targets.argmax(-1).flatten()] = True
-        out = {"capi_loss": capi_loss.detach(), "clustering_loss": clustering_loss.detach(), "used": used}
-        if entropy:
-            out["target_entropy"] = -torch.special.xlogy(targets, targets).sum(-1).mean()
-    return out
+    used = torch.zeros(targets.shape[-1], dtype=torch.bool, device=targets.device)
+    used[assignments.flatten()] = True
+    return {
+        "capi_loss": capi_loss.detach(),
+        "clustering_loss": clustering_loss.detach(),
+        "target_entropy": entropy,
+        "used": used,
+    }
 
 
 def _params(model: CAPIModel) -> list[Tensor]:
@@ -323,23 +326,19 @@ class MetricsWindow:
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.used: Tensor | None = None
-        self.entropy = torch.tensor(float("nan"))
         self.n = 0
         self.t0 = time.perf_counter()
         self.images = 0
 
     def add(self, out: dict[str, Tensor], images: int) -> None:
-        for k in ("capi_loss", "clustering_loss"):
+        for k in ("capi_loss", "clustering_loss", "target_entropy"):
             self.sums[k] = self.sums.get(k, 0) + out[k].float()
-        if "target_entropy" in out:  # computed on logged steps only
-            self.entropy = out["target_entropy"].float()
         self.used = out["used"] if self.used is None else self.used | out["used"]
         self.n += 1
         self.images += images
 
     def flush(self, fabric: Fabric) -> dict[str, float]:
         means = {k: v / self.n for k, v in self.sums.items()}
-        means["target_entropy"] = self.entropy
         means = {k: float(fabric.all_reduce(v, reduce_op="mean")) for k, v in means.items()}
         used = fabric.all_reduce(self.used.float(), reduce_op="sum")
         dt = time.perf_counter() - self.t0
@@ -394,7 +393,7 @@ def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
         skipped += batch.skipped
         batch = batch_to(batch, fabric.to_device)
         logged = (tr.step + 1) % run.log_every == 0 or tr.step + 1 == run.max_steps
-        out = train_step(tr, batch.images, batch.masks, entropy=logged)
+        out = train_step(tr, batch.images, batch.masks)
         window.add(out, batch.images.shape[0])
         # NaN check one step late: reading the previous loss does not stall the device queue
         if pending is not None:

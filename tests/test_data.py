@@ -89,7 +89,7 @@ def test_list_file_relative_paths(folder):
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+def test_compiled_step_matches_eager(no_shape_checks):
     from lightning.fabric import Fabric
 
     from capi_lab.config import get_preset, with_overrides

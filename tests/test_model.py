@@ -105,7 +105,7 @@ def _setup():
 
 def test_student_loss_reaches_student_only():
     student, teacher, x, masks = _setup()
-    out = teacher_step(teacher.backbone, teacher.clustering_head, x)
+    out = teacher_step(teacher.backbone, teacher.clustering_head, x, masks.predict_indices)
     loss = student_step(student.backbone, student.head, x, masks, out.targets)
     loss.backward()
     assert all(p.grad is None for p in teacher.backbone.parameters())
@@ -170,3 +170,20 @@ def test_no_nans_in_training_mode_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         g, r, f = model(x)
     assert all(torch.isfinite(t.float()).all() for t in (g, r, f))
+
+
+def test_teacher_step_outputs_agree_with_full_targets():
+    from capi_lab.sinkhorn import teacher_targets
+
+    _, teacher, x, masks = _setup()
+    full = teacher_step(teacher.backbone, teacher.clustering_head, x)
+    part = teacher_step(teacher.backbone, teacher.clustering_head, x, masks.predict_indices)
+    q = full.targets
+    assert q.shape == (4, 16, 16) and torch.allclose(q.sum(-1), torch.ones(4, 16), atol=1e-5)
+    feats = teacher.patch_features(x)
+    assert torch.allclose(q, teacher_targets(teacher.clustering_head(feats)), atol=1e-6)
+    assert torch.equal(part.targets, q.flatten(0, 1)[masks.predict_indices].view(4, -1, 16))
+    assert torch.equal(full.assignments, q.argmax(-1))
+    assert torch.allclose(full.target_entropy, -(q * q.log()).sum(-1).mean(), atol=1e-5)
+    logp = torch.log_softmax(teacher.clustering_head(feats) / 0.12, -1)
+    assert torch.allclose(full.clustering_loss, -(q * logp).sum(-1).mean(), atol=1e-5)

@@ -73,3 +73,17 @@ def test_teacher_targets_shape_and_temperature(positionwise):
     sharp = teacher_targets(logits, temperature=0.01, positionwise=positionwise)
     ent = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1).mean()  # noqa: E731
     assert ent(sharp) < ent(q)
+
+
+def test_potentials_and_eager_forms_agree():
+    from capi_lab.sinkhorn import sinkhorn_eager, sinkhorn_potentials
+
+    z = torch.randn(6, 5, 12) * 4
+    log_u, log_v = sinkhorn_potentials(z, 3)
+    assert torch.allclose(torch.exp(z + log_u + log_v), sinkhorn_eager(z, 3), atol=1e-6)
+    # both equal the spec's plain alternating normalisation of exp(z - max + 50)
+    q = torch.exp(z - z.amax(0, keepdim=True) + 50)
+    for _ in range(3):
+        q = q / q.sum(0, keepdim=True)
+        q = q / q.sum(2, keepdim=True)
+    assert torch.allclose(sinkhorn_eager(z, 3), q, atol=1e-6)

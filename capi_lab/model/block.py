@@ -12,6 +12,15 @@ from torch import Tensor, nn
 from capi_lab.model.rope import Rope
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm with its scale cast to the input dtype: under bf16 autocast a bf16 input with an
+    fp32 scale falls off the fused kernel onto a slow composite path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/output projections, no biases, 2-D RoPE on q and k.
 
@@ -59,7 +68,7 @@ class Residual(nn.Module):
 
     def __init__(self, dim: int, fn: nn.Module, drop_prob: float = 0.0):
         super().__init__()
-        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.norm = RMSNorm(dim, eps=1e-5)
         self.fn = fn
         self.drop_prob = drop_prob
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from capi_lab.model.block import Block
+from capi_lab.model.block import Block, RMSNorm
 
 
 class Encoder(nn.Module):
@@ -21,7 +21,7 @@ class Encoder(nn.Module):
     ):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, drop_path, rope=rope) for _ in range(depth))
-        self.norm = nn.RMSNorm(dim, eps=1e-5, elementwise_affine=False)
+        self.norm = RMSNorm(dim, eps=1e-5, elementwise_affine=False)
 
     def forward(self, x: Float[Tensor, "b t d"], coords: Float[Tensor, "b t 2"]) -> Float[Tensor, "b t d"]:
         for block in self.blocks:

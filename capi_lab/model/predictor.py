@@ -7,7 +7,7 @@ from __future__ import annotations
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from capi_lab.model.block import Block
+from capi_lab.model.block import Block, RMSNorm
 
 
 class Predictor(nn.Module):
@@ -25,7 +25,7 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_ratio, drop_path, context_dim, rope) for _ in range(depth)
         )
-        self.norm = nn.RMSNorm(dim, eps=1e-5, elementwise_affine=False)
+        self.norm = RMSNorm(dim, eps=1e-5, elementwise_affine=False)
 
     def forward(
         self,

@@ -1,0 +1,78 @@
+"""Checks that need a CUDA GPU (deselected by default; run with `pytest -m gpu` on a GPU machine)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import capi_lab
+from capi_lab.config import get_preset, with_overrides
+from capi_lab.masking import MaskBatch, sample_masks
+
+pytestmark = pytest.mark.gpu
+
+SMALL = {"model.embed_dim": 128, "model.num_heads": 2, "model.depth": 2, "model.pred_depth": 1,
+         "model.num_prototypes": 256, "batch_size": 16}  # fmt: skip
+
+
+def _trainer(compile=False):
+    from lightning.fabric import Fabric
+
+    from capi_lab.train import build_trainer
+
+    cfg = with_overrides(get_preset("vit_b16"), image_size=64, **SMALL)
+    fabric = Fabric(accelerator="cuda", devices=1, precision="bf16-mixed")
+    tr = build_trainer(fabric, cfg, max_steps=100, compile=compile)
+    x = torch.randn(16, 3, 64, 64, device="cuda")
+    m = MaskBatch(*(t.cuda() for t in sample_masks(16, 4, 4, cfg.mask.__class__(prediction_subsampling=0.5), 0)))
+    return tr, x, m
+
+
+def test_bf16_training_steps_are_finite_and_learn():
+    from capi_lab.train import train_step
+
+    tr, x, m = _trainer()
+    losses = [float(train_step(tr, x, m)["capi_loss"]) for _ in range(30)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_compiled_cuda_step_matches_eager(no_shape_checks):
+    from capi_lab.train import train_step
+
+    out = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        tr, x, m = _trainer(compile=compiled)
+        out[compiled] = [float(train_step(tr, x, m)["capi_loss"]) for _ in range(3)]
+    assert out[True] == pytest.approx(out[False], rel=2e-2)
+
+
+def test_cuda_fp32_matches_cpu_and_bf16_is_close():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = capi_lab.create_model("vit_l14", embed_dim=256, num_heads=4, depth=4, pred_depth=2).eval()
+    x = torch.randn(2, 3, 224, 168)
+    with torch.no_grad():
+        cpu = model(x)
+        gpu = model.cuda()(x.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            half = model(x.cuda())
+    for a, b, c in zip(cpu, gpu, half, strict=True):
+        assert (a - b.cpu()).abs().max() < 1e-4
+        rel = (a - c.float().cpu()).norm() / a.norm()
+        assert rel < 3e-2
+
+
+def test_train_command_on_gpu(tmp_path):
+    from capi_lab.train import main
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray((rng.random((80, 90, 3)) * 255).astype("uint8")).save(tmp_path / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", "--data", str(tmp_path), "--output-dir", str(out), "--max-steps", "6",
+            "--log-every", "3", "--batch-size", "8", "--image-size", "32", "--num-workers", "2"]  # fmt: skip
+    assert main(args) == 0
+    model = capi_lab.load_pretrained(out / "checkpoints" / "last.ckpt", device="cuda")
+    assert next(model.parameters()).is_cuda
