@@ -14,7 +14,7 @@ def param_groups(
     """AdamW groups with ``lr_mult`` / ``wd_mult`` keys (the trainer multiplies the scheduled values).
 
     Rules (capi-method.md §4): patch embedding lr x``patch_embed_lr_mult``; RoPE frequency tables lr x0
-    (they are also frozen, so no gradient is computed for them); norm scales wd x``norm_wd_mult``;
+    (they are also created frozen, so no gradient is computed for them); norm scales wd x``norm_wd_mult``;
     biases wd 0; everything else wd x1. Group names say which rule applied.
     """
     groups: dict[tuple[float, float], dict] = {}
@@ -24,7 +24,6 @@ def param_groups(
             lr_mult, wd_mult = 1.0, 1.0
             if "rope.freqs" in name:
                 lr_mult, wd_mult = 0.0, 0.0
-                p.requires_grad_(False)
             if "patch_embed" in name:
                 lr_mult = patch_embed_lr_mult
             if name.endswith("bias"):
@@ -50,7 +49,13 @@ def set_hparams(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float
 def ema_update_(teacher: Iterable[Tensor], student: Iterable[Tensor], momentum: float) -> None:
     """``teacher <- momentum * teacher + (1 - momentum) * student``, in place, as one fused foreach op.
     With ``momentum == 1`` the teacher is left exactly unchanged."""
-    t, s = list(teacher), list(student)
+    t, s = [_local(p) for p in teacher], [_local(p) for p in student]
     if momentum == 1.0 or not t:
         return
     torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def _local(p: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter; teacher and student shards line up because
+    FSDP2 shards every parameter the same way along its first axis."""
+    return p.to_local() if hasattr(p, "to_local") else p

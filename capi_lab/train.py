@@ -36,7 +36,7 @@ from capi_lab.losses import student_step, teacher_step
 from capi_lab.masking import MaskBatch, mask_counts
 from capi_lab.model.capi import CAPIModel
 from capi_lab.optim import ema_update_, param_groups, set_hparams
-from capi_lab.pretrained import FORMAT, save_authors_checkpoint
+from capi_lab.pretrained import FORMAT, load_pretrained, save_authors_checkpoint
 from capi_lab.schedules import Schedules
 
 log = logging.getLogger("capi_lab.train")
@@ -129,11 +129,14 @@ def resolve_config(argv: list[str] | None = None) -> RunConfig:
 
 class TeacherStep(nn.Module):
     """Frozen EMA teacher + trainable clustering head; ``forward`` is :func:`teacher_step`. Wrapped by
-    Fabric (DDP/FSDP) so the clustering head's gradients are reduced across ranks."""
+    Fabric (DDP/FSDP) so the clustering head's gradients are reduced across ranks. It also holds the EMA
+    copy of the student head (unused in the forward) so that under FSDP it is sharded like the student
+    head it follows; its state dict has the layout of a :class:`CAPIModel`."""
 
     def __init__(self, teacher: CAPIModel, optim: Any):
         super().__init__()
-        self.backbone, self.clustering_head, self.o = teacher.backbone, teacher.clustering_head, optim
+        self.backbone, self.head, self.clustering_head = teacher.backbone, teacher.head, teacher.clustering_head
+        self.o = optim
 
     def forward(self, images: Tensor, predict_indices: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         o = self.o
@@ -146,7 +149,7 @@ class TeacherStep(nn.Module):
 
 
 class StudentStep(nn.Module):
-    """Student backbone + head; ``forward`` is :func:`student_step`."""
+    """Student backbone + head; ``forward`` is :func:`student_step`. State dict layout of a :class:`CAPIModel`."""
 
     def __init__(self, student: CAPIModel, student_temp: float):
         super().__init__()
@@ -159,7 +162,9 @@ class StudentStep(nn.Module):
 
 @dataclass
 class Trainer:
-    """Everything a step touches, plus the bookkeeping for logs."""
+    """Everything a step touches. ``student_step`` / ``teacher_step`` are the modules as set up by Fabric
+    (wrapped, maybe compiled); ``student_module`` / ``teacher_module`` the same modules unwrapped, which
+    checkpoints read and write."""
 
     fabric: Fabric
     cfg: CAPIConfig
@@ -170,6 +175,8 @@ class Trainer:
     optimizer: Any
     clustering_optimizer: Any
     schedules: Schedules
+    student_module: nn.Module
+    teacher_module: nn.Module
     step: int = 0
     ema_pairs: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
     """(teacher, student) parameters of the backbones and student heads, in matching order."""
@@ -190,8 +197,13 @@ def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool
     teacher.head.requires_grad_(False)
     teacher.backbone.eval()  # no stochastic depth in the teacher
     o = cfg.optim
+    s_raw, t_raw = StudentStep(student, o.student_temp), TeacherStep(teacher, o)
+    fsdp = _is_fsdp(fabric)
+    s_step = fabric.setup_module(torch.compile(s_raw) if compile else s_raw)
+    t_step = fabric.setup_module(torch.compile(t_raw) if compile else t_raw)
+    # optimizers are built after set-up: FSDP replaces the parameters by sharded ones
     groups = param_groups({"backbone": student.backbone, "head": student.head}, o.patch_embed_lr_mult, o.norm_wd_mult)
-    fused = fabric.device.type == "cuda"
+    fused = fabric.device.type == "cuda" and not fsdp
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=o.lr, betas=o.betas, fused=fused
     )
@@ -202,15 +214,34 @@ def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool
         weight_decay=o.clustering_weight_decay,
         fused=fused,
     )
-    s_step: nn.Module = StudentStep(student, o.student_temp)
-    t_step: nn.Module = TeacherStep(teacher, o)
-    if compile:
-        s_step, t_step = torch.compile(s_step), torch.compile(t_step)
-    s_step, optimizer = fabric.setup(s_step, optimizer)
-    t_step, clustering_optimizer = fabric.setup(t_step, clustering_optimizer)
-    fabric.to_device(teacher)
+    optimizer, clustering_optimizer = fabric.setup_optimizers(optimizer, clustering_optimizer)
+    if not fsdp:
+        fabric.to_device(teacher)
     schedules = Schedules(max_steps, o.lr, o.momentum_peak, o.warmup_fraction, o.truncate, o.clustering_lr_ratio)
-    return Trainer(fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules)
+    return Trainer(
+        fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules, s_raw, t_raw
+    )
+
+
+def _is_fsdp(fabric: Fabric) -> bool:
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    return isinstance(fabric.strategy, ModelParallelStrategy)
+
+
+def shard_blocks(module: nn.Module, mesh: Any) -> nn.Module:
+    """FSDP2: shard every transformer block, then the rest. Parameters are sharded one by one along
+    their first axis, so the teacher's shards line up with the student's and the EMA is local."""
+    from torch.distributed.fsdp import fully_shard
+
+    from capi_lab.model.block import Block
+
+    dp = mesh["data_parallel"]
+    for m in module.modules():
+        if isinstance(m, Block):
+            fully_shard(m, mesh=dp)
+    fully_shard(module, mesh=dp)
+    return module
 
 
 def train_step(tr: Trainer, images: Tensor, masks: MaskBatch) -> dict[str, Tensor]:
@@ -252,20 +283,39 @@ def _params(model: CAPIModel) -> list[Tensor]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _state_dict_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
 def checkpoint_state(tr: Trainer, run: RunConfig) -> dict[str, Any]:
-    """The one state dict for save/resume; ``teacher`` (with both heads) is what load_pretrained uses."""
+    """The one state dict for save/resume, as full (unsharded) tensors on the CPU; ``teacher`` (with
+    both heads, in :class:`CAPIModel` layout) is what load_pretrained uses. Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _state_dict_options(cpu_offload=True)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
         "format": FORMAT,
         "config": tr.cfg.to_dict(),
         "run": run.to_dict(),
-        "student": tr.student,
-        "teacher": tr.teacher,
-        "optimizer": tr.optimizer,
-        "clustering_optimizer": tr.clustering_optimizer,
+        "student": get_model_state_dict(tr.student_module, options=opts),
+        "teacher": get_model_state_dict(tr.teacher_module, options=opts),
+        "optimizer": get_optimizer_state_dict(tr.student_module, _raw(tr.optimizer), options=opts),
+        "clustering_optimizer": get_optimizer_state_dict(
+            tr.teacher_module, _raw(tr.clustering_optimizer), options=opts
+        ),
         "step": tr.step,
         "stream_position": tr.step * run.capi.batch_size * tr.fabric.world_size,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "rng": rng,
     }
+
+
+def _raw(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper -> the torch optimizer
 
 
 def save_checkpoint(tr: Trainer, run: RunConfig, ckpt_dir: Path) -> Path:
@@ -273,13 +323,10 @@ def save_checkpoint(tr: Trainer, run: RunConfig, ckpt_dir: Path) -> Path:
     with an atomic hard-link swap; keep the ``keep_checkpoints`` newest."""
     fabric = tr.fabric
     final = ckpt_dir / f"step_{tr.step:07d}.ckpt"
-    tmp = ckpt_dir / f".{final.name}.tmp"
-    state = checkpoint_state(tr, run)
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    fabric.save(tmp, state)
-    fabric.barrier()
+    state = checkpoint_state(tr, run)  # every rank takes part (gathers shards under FSDP)
     if fabric.global_rank == 0:
+        tmp = ckpt_dir / f".{final.name}.tmp"
+        torch.save(state, tmp)
         os.replace(tmp, final)
         link_tmp = ckpt_dir / ".last.ckpt.tmp"
         link_tmp.unlink(missing_ok=True)
@@ -298,19 +345,21 @@ def save_checkpoint(tr: Trainer, run: RunConfig, ckpt_dir: Path) -> Path:
 
 
 def load_checkpoint(tr: Trainer, path: Path) -> dict[str, Any]:
-    state = {
-        "student": tr.student,
-        "teacher": tr.teacher,
-        "optimizer": tr.optimizer,
-        "clustering_optimizer": tr.clustering_optimizer,
-    }
-    rest = tr.fabric.load(path, state, weights_only=True)
-    tr.step = int(rest["step"])
-    torch.set_rng_state(rest["rng"]["torch"])
-    random.setstate(_as_tuple(rest["rng"]["python"]))
-    if "cuda" in rest["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rest["rng"]["cuda"])
-    return rest
+    """Restore models, optimizers, step and RNG states from a checkpoint (read without running code)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    opts = _state_dict_options(strict=True)
+    set_model_state_dict(tr.student_module, ck["student"], options=opts)
+    set_model_state_dict(tr.teacher_module, ck["teacher"], options=opts)
+    set_optimizer_state_dict(tr.student_module, _raw(tr.optimizer), ck["optimizer"], options=opts)
+    set_optimizer_state_dict(tr.teacher_module, _raw(tr.clustering_optimizer), ck["clustering_optimizer"], options=opts)
+    tr.step = int(ck["step"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    random.setstate(_as_tuple(ck["rng"]["python"]))
+    if "cuda" in ck["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck
 
 
 def _as_tuple(x: Any) -> Any:
@@ -421,8 +470,9 @@ def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
             if not nan_steps:
                 save_checkpoint(tr, run, ckpt_dir)
     bar.close()
-    if fabric.global_rank == 0:
-        export = save_authors_checkpoint(tr.teacher, out_dir / "teacher_authors.pth", include_heads=True)
+    if fabric.global_rank == 0:  # from the saved checkpoint: full tensors whatever the sharding
+        teacher = load_pretrained(last)
+        export = save_authors_checkpoint(teacher, out_dir / "teacher_authors.pth", include_heads=True)
         fabric.print(f"done: {tr.step} steps; checkpoint {last}; teacher in the authors' layout: {export}")
     for logger in fabric.loggers:
         logger.finalize("success")
@@ -453,9 +503,13 @@ def make_fabric(run: RunConfig) -> Fabric:
         precision = "bf16-mixed" if cuda else "32-true"
     strategy: Any = run.strategy
     if run.strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
+        from lightning.fabric.strategies import ModelParallelStrategy
 
-        strategy = FSDPStrategy(state_dict_type="full")
+        if not run.devices.isdigit():
+            raise SystemExit("error: --strategy fsdp needs a number of --devices")
+        strategy = ModelParallelStrategy(
+            shard_blocks, data_parallel_size=int(run.devices) * run.num_nodes, tensor_parallel_size=1
+        )
     # version=None: a resumed run gets version_1, version_2, ... instead of overwriting earlier logs
     loggers: list[Any] = [CSVLogger(str(out_dir), name="csv_logs")]
     try:

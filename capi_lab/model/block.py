@@ -63,7 +63,8 @@ class Residual(nn.Module):
 
     Dropping is done by computing the branch only on a random subset of ``keep = int(b * (1-p))``
     samples and adding it back scaled by ``b / keep`` (unbiased, like DropPath), which also saves
-    a fraction ``p`` of the branch's compute.
+    a fraction ``p`` of the branch's compute. The branch goes back to its samples through a gather with
+    the inverse permutation rather than an atomic ``index_add``.
     """
 
     def __init__(self, dim: int, fn: nn.Module, drop_prob: float = 0.0):
@@ -77,10 +78,12 @@ class Residual(nn.Module):
         keep = max(int(b * (1 - self.drop_prob)), 1)
         if not self.training or keep == b:
             return x + self.fn(self.norm(x), **batch_kwargs)
-        idx = torch.randperm(b, device=x.device)[:keep]
+        perm = torch.randperm(b, device=x.device)
+        idx = perm[:keep]
         sub = {k: (v[idx] if v is not None else None) for k, v in batch_kwargs.items()}
-        branch = self.fn(self.norm(x[idx]), **sub)
-        return torch.index_add(x, 0, idx, branch.to(x.dtype), alpha=b / keep)
+        branch = self.fn(self.norm(x[idx]), **sub).to(x.dtype) * (b / keep)
+        padded = torch.cat([branch, branch.new_zeros(b - keep, *branch.shape[1:])])
+        return x + padded[torch.argsort(perm)]
 
 
 class Block(nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -76,18 +77,28 @@ class CAPIBackbone(nn.Module):
         image) only those patches are embedded into the sequence."""
         h, w = self.grid_size(images)
         b, n = images.shape[0], h * w
-        tokens = self.patch_embed(images).flatten(2).transpose(1, 2)  # (b, n, D)
-        coords = patch_coordinates(h, w, device=images.device)
-        if visible_indices is None:
-            coords = coords.expand(b, n, 2)
-        else:
-            n_vis = visible_indices.numel() // b
-            tokens = tokens.flatten(0, 1)[visible_indices].view(b, n_vis, -1)
-            coords = coords[visible_indices % n].view(b, n_vis, 2)
+        tokens = self.embed_patches(images, visible_indices)  # (b, n or n_vis, D)
+        grid = patch_coordinates(h, w, device=images.device)
+        coords = grid.expand(b, n, 2) if visible_indices is None else grid[visible_indices % n].view(b, -1, 2)
         reg_coords = rescale_to_bbox(self.register_unit_coords, coords)
         x = torch.cat([self.registers.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
         all_coords = torch.cat([reg_coords, coords], dim=1)
         return Context(self.encoder(x, all_coords), all_coords, (h, w))
+
+    def embed_patches(
+        self, images: Float[Tensor, "b 3 H W"], indices: Int[Tensor, " n_total"] | None = None
+    ) -> Float[Tensor, "b n d"]:
+        """The patch embedding (the ``Conv2d(3, D, p, stride p)`` of the published layout) computed as one
+        matrix product over flattened patches, only for the patches in ``indices`` (flat into ``[B*N)``)
+        when given: the student embeds its visible patches only. (cuDNN's strided convolution and its
+        layout transposes cost more than the product itself.)"""
+        b, p = images.shape[0], self.patch_size
+        h, w = images.shape[2] // p, images.shape[3] // p
+        patches = images.reshape(b, 3, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, 3 * p * p)
+        if indices is not None:
+            patches = patches.flatten(0, 1)[indices].view(b, -1, 3 * p * p)
+        weight = self.patch_embed.weight.flatten(1)  # (D, 3*p*p), channel-major like the conv
+        return F.linear(patches, weight, self.patch_embed.bias)
 
     def predict(
         self,

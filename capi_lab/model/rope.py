@@ -84,12 +84,12 @@ def rotate_half(x: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:
 
 
 class Rope(nn.Module):
-    """Axial RoPE with a stored frequency table (a parameter trained with learning rate 0, so that
-    checkpoints carry it, as in the authors' layout ``...rope.freqs``)."""
+    """Axial RoPE with a stored frequency table: a parameter, so that checkpoints carry it (the authors'
+    ``...rope.freqs``), with learning rate 0 in the recipe, which we implement by freezing it."""
 
     def __init__(self, head_dim: int, max_freq: float = 7.0, min_freq: float = 7e-4, layout: RopeLayout = "capi"):
         super().__init__()
-        self.freqs = nn.Parameter(rope_frequencies(head_dim, max_freq, min_freq, layout))
+        self.freqs = nn.Parameter(rope_frequencies(head_dim, max_freq, min_freq, layout), requires_grad=False)
 
     def angles(self, coords: Float[Tensor, "*b t 2"]) -> Float[Tensor, "*b t head_dim"]:
         """``coords @ freqs`` in at least fp32 whatever the autocast state: bf16 angles would be off by ~0.1 rad.
