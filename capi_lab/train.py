@@ -63,7 +63,7 @@ class RunConfig:
     num_nodes: int = 1
     """Number of nodes (launch with torchrun, Slurm or `fabric run`)."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """Distribution strategy; 'auto' is DDP on several devices."""
+    """'ddp' replicates the model, 'fsdp' shards it (FSDP2); 'auto' is DDP on several devices."""
     precision: Literal["auto", "bf16-mixed", "32-true"] = "auto"
     """'auto' is bf16-mixed on GPUs and 32-true on CPU."""
     compile: bool = False
