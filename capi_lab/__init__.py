@@ -17,7 +17,9 @@ def create_model(preset: str = "tiny", **overrides: Any) -> CAPIModel:
     ``overrides`` are model fields (``embed_dim=256``) or dotted config paths (``"model.depth": 6``).
     """
     config = with_overrides(get_preset(preset), **overrides) if overrides else get_preset(preset)
-    return CAPIModel(config.model)
+    model = CAPIModel(config.model)
+    model.image_size = config.image_size
+    return model
 
 
 __all__ = [

@@ -60,7 +60,7 @@ class FileImages(ImageSource):
     """Image files. Decoded images are kept in memory up to ``cache_bytes`` (per loader worker), so
     small sets of large photos are not decoded again at every epoch."""
 
-    def __init__(self, paths: Sequence[Path], cache_bytes: int = 256 * 2**20):
+    def __init__(self, paths: Sequence[str | os.PathLike], cache_bytes: int = 256 * 2**20):
         self.paths = [Path(p) for p in paths]
         self.cache_bytes = cache_bytes
         self._cache: dict[int, Image.Image] = {}

@@ -198,14 +198,15 @@ def model_from_authors_state_dict(sd: dict[str, Tensor]) -> CAPIModel:
 
 def model_state(model: CAPIModel, config: CAPIConfig | None = None, **meta: Any) -> dict[str, Any]:
     """A capi_lab model file: format tag, resolved config and the full model state dict."""
-    config = config or CAPIConfig(model=model.config)
+    config = config or CAPIConfig(model=model.config, image_size=model.image_size or 16 * model.patch_size)
     return {"format": FORMAT, "config": config.to_dict(), "model": model.state_dict(), **meta}
 
 
 def model_from_capi_lab(obj: dict[str, Any], which: str = "teacher") -> CAPIModel:
     """Build a model from a capi_lab file: a model file (``model``) or a training checkpoint, whose
     ``teacher`` (the EMA model, like the authors' releases) is used by default."""
-    config = CAPIConfig.from_dict(obj["config"]).model
+    full = CAPIConfig.from_dict(obj["config"])
+    config = full.model
     sd = obj.get("model", obj.get(which))
     if sd is None:
         raise CheckpointError(f"capi_lab checkpoint holds neither 'model' nor {which!r}: keys {sorted(obj)}")
@@ -215,6 +216,7 @@ def model_from_capi_lab(obj: dict[str, Any], which: str = "teacher") -> CAPIMode
         clustering_head=any(k.startswith("clustering_head.") for k in sd),
     )
     _load_strict(model, sd, "the capi_lab checkpoint")
+    model.image_size = full.image_size
     return model
 
 

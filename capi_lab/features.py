@@ -1,0 +1,138 @@
+"""Frozen CAPI features for your own analyses.
+
+    python -m capi_lab.features --checkpoint runs/quick/checkpoints/last.ckpt --images photos/ --out f.safetensors
+
+Writes, for every image, the global representation ``[N, D]``, the registers ``[N, R, D]`` and the
+patch feature map ``[N, h, w, D]`` (``--no-patches`` to skip it), plus the image list: a safetensors
+file (image list as JSON in its metadata) or an ``.npz`` (image list as the ``paths`` array).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from capi_lab.data import DataError, ImageSource, eval_transform, resolve_source
+from capi_lab.model.capi import CAPIModel
+
+
+@dataclass
+class Features:
+    global_repr: Tensor
+    """``[N, D]``: mean of the first predictor block over all positions (the paper's pooling)."""
+    registers: Tensor
+    """``[N, R, D]``."""
+    feature_map: Tensor | None
+    """``[N, h, w, D]`` normalized patch features (None when not kept)."""
+
+    @property
+    def mean_patch(self) -> Tensor:
+        """``[N, D]``: average of the patch features (the paper's Table 5 alternative to ``global_repr``)."""
+        if self.feature_map is None:
+            raise ValueError("patch features were not kept (keep_patches=False)")
+        return self.feature_map.mean(dim=(1, 2))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def extract_features(
+    model: CAPIModel,
+    source: ImageSource,
+    image_size: int = 224,
+    batch_size: int = 64,
+    keep_patches: bool = True,
+    pool_patches: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> Features:
+    """Run ``model`` over every image of ``source`` (resize + centre crop to ``image_size``).
+
+    With ``pool_patches`` the feature map is averaged per image right away (``feature_map`` then has
+    ``h = w = 1``), which keeps memory small for large sets.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    p = model.patch_size
+    if image_size % p:
+        raise ValueError(f"image_size {image_size} is not a multiple of the model's patch size {p}")
+    model = model.to(device).eval()
+    tf = eval_transform(image_size)
+    g, r, f = [], [], []
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    for start in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress, unit="batch"):
+        idx = range(start, min(start + batch_size, len(source)))
+        x = torch.stack([tf(source.load(i)) for i in idx]).to(device)
+        with autocast:
+            gr, reg, fm = model(x)
+        g.append(gr.float().cpu())
+        r.append(reg.float().cpu())
+        if pool_patches:
+            f.append(fm.float().mean(dim=(1, 2), keepdim=True).cpu())
+        elif keep_patches:
+            f.append(fm.float().cpu())
+    return Features(torch.cat(g), torch.cat(r), torch.cat(f) if f else None)
+
+
+def save_features(path: str | Path, feats: Features, names: list[str]) -> Path:
+    """``.safetensors`` (names as JSON metadata) or ``.npz`` (names as the ``paths`` array)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"global_repr": feats.global_repr, "registers": feats.registers}
+    if feats.feature_map is not None:
+        tensors["feature_map"] = feats.feature_map
+    if path.suffix == ".npz":
+        np.savez(path, paths=np.array(names), **{k: v.numpy() for k, v in tensors.items()})
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"paths": json.dumps(names)})
+    else:
+        raise ValueError(f"--out must end in .safetensors or .npz, got {path.name!r}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from capi_lab.pretrained import CheckpointError, load_pretrained
+
+    ap = argparse.ArgumentParser(prog="python -m capi_lab.features", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="capi_lab checkpoint, authors' .pth, or a published name")
+    ap.add_argument(
+        "--images", required=True, help="image folder (recursive), list file, 'demo-photos', 'fashion-mnist'"
+    )
+    ap.add_argument("--out", required=True, help="output file: .safetensors or .npz")
+    ap.add_argument("--image-size", type=int, default=None, help="square input side (default: 16 patches)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--no-patches", action="store_true", help="do not store the patch feature maps")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    args = ap.parse_args(argv)
+    if not args.out.endswith((".safetensors", ".npz")):
+        raise SystemExit(f"error: --out must end in .safetensors or .npz, got {args.out!r}")
+    try:
+        source = resolve_source(args.images)
+        model = load_pretrained(args.checkpoint)
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    size = args.image_size or 16 * model.patch_size
+    feats = extract_features(model, source, size, args.batch_size, keep_patches=not args.no_patches, device=args.device)
+    names = [source.describe(i) for i in range(len(source))]
+    out = save_features(args.out, feats, names)
+    shapes = {k: list(v.shape) for k, v in vars(feats).items() if v is not None}
+    print(json.dumps({"out": str(out), "images": len(names), **shapes}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

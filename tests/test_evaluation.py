@@ -1,0 +1,137 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import capi_lab
+from capi_lab import eval as capi_eval
+from capi_lab import features as capi_features
+from capi_lab.data import FASHION_MNIST_DIR
+from capi_lab.evaluation import knn_accuracy, knn_predict, linear_accuracy
+from capi_lab.pretrained import model_state
+
+
+def test_knn_votes_are_temperature_weighted():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.05]])  # much closer to the single class-0 point
+    # sharp temperature: the one very similar neighbour outweighs two far ones
+    assert knn_predict(train, labels, test, k=3, temperature=0.05).item() == 0
+    # flat temperature: it is a plain majority of the three
+    assert knn_predict(train, labels, test, k=3, temperature=1e3).item() == 1
+
+
+def test_knn_and_linear_on_separable_and_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 5
+    y = torch.arange(400) % 4
+    x = centers[y] + torch.randn(400, 16, generator=g)
+    assert knn_accuracy(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    assert linear_accuracy(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    shuffled = y[torch.randperm(400, generator=g)]
+    assert knn_accuracy(x[:300], shuffled[:300], x[300:], shuffled[300:]) < 0.5
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for name, channel in (("red", 0), ("blue", 2)):
+        (root / name).mkdir()
+        for i in range(10):
+            a = (rng.random((32, 32, 3)) * 80).astype("uint8")
+            a[..., channel] += 150
+            Image.fromarray(a).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    model = capi_lab.create_model("tiny", num_prototypes=32)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model_state(model), path)
+    return path
+
+
+def test_folder_split_is_stratified(colour_folder):
+    s = capi_eval.load_labeled(str(colour_folder))
+    assert len(s.train) == 16 and len(s.test) == 4 and s.classes == ["blue", "red"]
+    assert sorted(s.test_labels.tolist()) == [0, 0, 1, 1]
+    train_names = {s.train.describe(i) for i in range(len(s.train))}
+    assert not train_names & {s.test.describe(i) for i in range(len(s.test))}
+
+
+@pytest.mark.parametrize("task", ["knn", "linear"])
+def test_eval_cli_prints_one_json_line(task, colour_folder, tiny_checkpoint, capsys):
+    assert (
+        capi_eval.main([task, "--checkpoint", str(tiny_checkpoint), "--dataset", str(colour_folder), "--k", "3"]) == 0
+    )
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["task"] == task and row["image_size"] == 28 and row["n_test"] == 4
+    assert 0.0 <= row["top1"] <= 1.0
+    capi_eval.main([task, "--checkpoint", "raw-pixels", "--dataset", str(colour_folder), "--k", "3"])
+    assert json.loads(capsys.readouterr().out.strip())["top1"] == 1.0  # colours are separable in pixels
+
+
+def test_eval_bad_inputs(tmp_path, tiny_checkpoint):
+    with pytest.raises(SystemExit, match="not 'fashion-mnist' and not a folder"):
+        capi_eval.main(["knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(tmp_path / "nope")])
+    (tmp_path / "only").mkdir()
+    with pytest.raises(SystemExit, match="at least two class sub-folders"):
+        capi_eval.main(["knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        capi_eval.main(["knn", "--checkpoint", str(tmp_path / "x.pth"), "--dataset", "fashion-mnist"])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_features_cli_writes_everything(suffix, colour_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / f"f{suffix}"
+    args = ["--checkpoint", str(tiny_checkpoint), "--images", str(colour_folder), "--out", str(out)]
+    assert capi_features.main([*args, "--image-size", "32"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 20 and summary["feature_map"] == [20, 8, 8, 128]
+    if suffix == ".npz":
+        data = np.load(out)
+        paths, g = list(data["paths"]), data["global_repr"]
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as f:
+            paths, g = json.loads(f.metadata()["paths"]), f.get_tensor("global_repr")
+    assert len(paths) == 20 and paths[0].endswith(".png") and tuple(g.shape) == (20, 128)
+    # the stored features are the model's own outputs
+    model = capi_lab.load_pretrained(tiny_checkpoint)
+    from capi_lab.data import FileImages, eval_transform
+
+    x = eval_transform(32)(FileImages([paths[3]]).load(0))[None]
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0][0], torch.as_tensor(np.asarray(g[3])), atol=1e-5)
+
+
+def test_features_cli_bad_out(colour_folder, tiny_checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match=r"\.safetensors or \.npz"):
+        capi_features.main(["--checkpoint", str(tiny_checkpoint), "--images", str(colour_folder), "--out", "f.txt"])
+
+
+def test_fashion_mnist_raw_pixel_knn(capsys):
+    if not FASHION_MNIST_DIR.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{FASHION_MNIST_DIR} is missing: .ci/run installs dataset-fashion-mnist")
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    args = [
+        "knn",
+        "--checkpoint",
+        "raw-pixels",
+        "--dataset",
+        "fashion-mnist",
+        "--limit-train",
+        "2000",
+        "--limit-test",
+        "500",
+    ]
+    capi_eval.main(args)
+    row = json.loads(capsys.readouterr().out)
+    assert row["n_train"] == 2000 and 0.65 < row["top1"] < 0.95
