@@ -188,9 +188,13 @@ class CAPIConfig:
     """Side of the square training crops (a multiple of the patch size)."""
     batch_size: int = 64
     """Images per step and per device."""
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    """Area range of the RandomResizedCrop (the paper: 0.6-1.0; smaller minimums crop more heavily)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         _check(
             self.image_size % self.model.patch_size == 0,
             f"image_size={self.image_size} is not a multiple of model.patch_size={self.model.patch_size}; "
@@ -201,6 +205,7 @@ class CAPIConfig:
         """A plain nested dict (YAML/JSON friendly)."""
         d = dataclasses.asdict(self)
         d["optim"]["betas"] = list(d["optim"]["betas"])
+        d["crop_scale"] = list(d["crop_scale"])
         return d
 
     @classmethod
@@ -266,8 +271,24 @@ def _vit(patch: int, dim: int, depth: int, heads: int, pred_depth: int, drop_pat
     )
 
 
+def _default() -> CAPIConfig:
+    # The embedded default model: small enough to train on a laptop CPU in ~20 minutes and to ship
+    # (< 25 MB), trained on ~100 demo photos with heavy cropping so that it sees many scales.
+    return CAPIConfig(
+        model=ModelConfig(
+            patch_size=8, embed_dim=192, depth=6, num_heads=3, pred_depth=3, num_registers=8, num_prototypes=1024
+        ),
+        mask=MaskConfig(prediction_subsampling=0.25),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.05),
+        image_size=64,
+        batch_size=64,
+        crop_scale=(0.1, 1.0),
+    )
+
+
 PRESETS: dict[str, Any] = {
     "tiny": _tiny,
+    "default": _default,
     "vit_s16": lambda: _vit(16, 384, 12, 6, 6, 0.1, batch_size=256),
     "vit_b16": lambda: _vit(16, 768, 12, 12, 6, 0.1, batch_size=256),
     # The paper's recipe: 24/12 x 1024, 16 heads, patch 14, 16384 prototypes, stochastic depth 0.2,

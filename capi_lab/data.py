@@ -118,26 +118,57 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def demo_photo_paths() -> list[Path]:
-    """Real photos that installed Python packages ship (scikit-image, scikit-learn, matplotlib);
-    each source is optional."""
-    found: list[Path] = []
+# scikit-image photos with clear licences (from the docstrings of skimage.data)
+_SKIMAGE_PHOTOS = {
+    "astronaut.png": "public domain (NASA)",
+    "brick.png": "CC0 (CC0Textures)",
+    "camera.png": "CC0 (Lav Varshney)",
+    "cell.png": "CC0",
+    "chelsea.png": "CC0 (Stefan van der Walt)",
+    "coffee.png": "CC0 (Rachel Michetti)",
+    "coins.png": "no known copyright restrictions (Brooklyn Museum)",
+    "grass.png": "CC0 (CC0Textures)",
+    "gravel.png": "CC0 (CC0Textures)",
+    "hubble_deep_field.jpg": "public domain (NASA)",
+    "ihc.png": "no known copyright restrictions",
+    "retina.jpg": "CC0 (Hakan Wieslander / Hampus Forsberg)",
+    "rocket.jpg": "public domain (SpaceX)",
+}
+DEMO_SOURCES = ("foolbox", "opencv", "mate", "plasma")
+"""Photo sources fetched by scripts/fetch_demo_data.py into the cache (tuxpaint cut-outs are kept apart:
+they feed the segmentation set, not pretraining)."""
+
+
+@dataclass(frozen=True)
+class DemoPhoto:
+    path: Path
+    source: str
+    license: str
+
+
+def cache_dir() -> Path:
+    """Where fetched data lives: ``$CAPI_LAB_CACHE`` or ``~/.cache/capi_lab``."""
+    return Path(os.environ.get("CAPI_LAB_CACHE", Path.home() / ".cache" / "capi_lab"))
+
+
+def demo_photos() -> list[DemoPhoto]:
+    """The ``demo-photos`` set with source and licence of each image: photos that installed Python
+    packages ship (scikit-image, scikit-learn, matplotlib) plus those scripts/fetch_demo_data.py put in
+    the cache (foolbox's ImageNet samples, Debian's opencv-doc, mate-backgrounds, plasma wallpapers).
+    Every source is optional."""
+    found: list[DemoPhoto] = []
     try:
         import skimage
 
         d = Path(skimage.__file__).parent / "data"
-        names = (
-            "astronaut.png brick.png camera.png cell.png chelsea.png coffee.png coins.png grass.png gravel.png "
-            "hubble_deep_field.jpg ihc.png moon.png motorcycle_left.png motorcycle_right.png retina.jpg rocket.jpg"
-        ).split()
-        found += [d / n for n in names if (d / n).exists()]
+        found += [DemoPhoto(d / n, "scikit-image", lic) for n, lic in _SKIMAGE_PHOTOS.items() if (d / n).exists()]
     except ImportError:
         pass
     try:
         import sklearn.datasets
 
         d = Path(sklearn.datasets.__file__).parent / "images"
-        found += sorted(d.glob("*.jpg"))
+        found += [DemoPhoto(p, "scikit-learn", "CC BY 2.0 (flickr)") for p in sorted(d.glob("*.jpg"))]
     except ImportError:
         pass
     try:
@@ -145,10 +176,22 @@ def demo_photo_paths() -> list[Path]:
 
         p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
         if p.exists():
-            found.append(p)
+            found.append(DemoPhoto(p, "matplotlib", "public domain (US Navy)"))
     except ImportError:
         pass
+    manifest = cache_dir() / "demo-data" / "manifest.json"
+    if manifest.exists():
+        import json
+
+        for row in json.loads(manifest.read_text()):
+            p = manifest.parent / row["path"]
+            if row["source"] in DEMO_SOURCES and p.exists():
+                found.append(DemoPhoto(p, row["source"], row["license"]))
     return found
+
+
+def demo_photo_paths() -> list[Path]:
+    return [d.path for d in demo_photos()]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -173,8 +216,7 @@ def load_fashion_mnist(split: str = "train") -> ArrayImages:
     try:
         from torchvision.datasets import FashionMNIST
 
-        root = Path(os.environ.get("CAPI_LAB_CACHE", Path.home() / ".cache" / "capi_lab"))
-        ds = FashionMNIST(str(root), train=split == "train", download=True)
+        ds = FashionMNIST(str(cache_dir()), train=split == "train", download=True)
         return ArrayImages(ds.data.numpy(), ds.targets.numpy(), f"fashion-mnist-{split}")
     except Exception as e:
         raise DataError(
@@ -192,7 +234,10 @@ def resolve_source(spec: str | os.PathLike) -> ImageSource:
     if s == "demo-photos":
         paths = demo_photo_paths()
         if not paths:
-            raise DataError("no demo photos found: install scikit-image, scikit-learn or matplotlib")
+            raise DataError(
+                "no demo photos found: install scikit-image, scikit-learn or matplotlib, "
+                "or run scripts/fetch_demo_data.py"
+            )
         return FileImages(paths)
     path = Path(s).expanduser()
     if not path.exists():
@@ -220,11 +265,11 @@ def resolve_source(spec: str | os.PathLike) -> ImageSource:
 # ----------------------------------------------------------------------------- training stream
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """RandomResizedCrop(scale 0.6-1, bicubic) + horizontal flip + ImageNet normalization."""
+def train_transform(image_size: int, scale: tuple[float, float] = (0.6, 1.0)) -> v2.Compose:
+    """RandomResizedCrop(scale 0.6-1 by default, bicubic) + horizontal flip + ImageNet normalization."""
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomResizedCrop(image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip(),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
@@ -257,9 +302,9 @@ class PretrainStream(Dataset):
     in the permutation; the item reports how many were skipped.
     """
 
-    def __init__(self, source: ImageSource, image_size: int, seed: int = 0):
+    def __init__(self, source: ImageSource, image_size: int, seed: int = 0, crop_scale=(0.6, 1.0)):
         self.source, self.seed = source, seed
-        self.transform = train_transform(image_size)
+        self.transform = train_transform(image_size, tuple(crop_scale))
         self._perm: tuple[int, np.ndarray] | None = None
         self._bad: set[int] = set()
 

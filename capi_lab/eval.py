@@ -2,6 +2,7 @@
 
     python -m capi_lab.eval knn --checkpoint CKPT --dataset fashion-mnist
     python -m capi_lab.eval linear --checkpoint CKPT --dataset path/to/folder_with_class_subfolders
+    python -m capi_lab.eval attentive --checkpoint CKPT --dataset fashion-mnist --limit-train 10000
 
 Prints one JSON line with the metrics. ``--checkpoint`` takes anything load_pretrained accepts, or
 ``raw-pixels`` for the pixel baseline. A folder dataset uses its ``train/`` and ``val/`` (or ``test/``)
@@ -107,12 +108,12 @@ def raw_pixels(source: ImageSource, image_size: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from capi_lab.evaluation import knn_accuracy, linear_accuracy
+    from capi_lab.evaluation import attentive_accuracy, knn_accuracy, linear_accuracy
     from capi_lab.features import extract_features
     from capi_lab.pretrained import CheckpointError, load_pretrained
 
     ap = argparse.ArgumentParser(prog="python -m capi_lab.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("task", choices=["knn", "linear"])
+    ap.add_argument("task", choices=["knn", "linear", "attentive"])
     ap.add_argument("--checkpoint", required=True, help="anything load_pretrained accepts, or 'raw-pixels'")
     ap.add_argument("--dataset", required=True, help="'fashion-mnist' or a folder of class sub-folders")
     ap.add_argument("--features", choices=["global", "mean-patch"], default="global")
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.07)
     ap.add_argument("--limit-train", type=int, default=None, help="use a seeded random subset of the train split")
     ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=20, help="attentive probe training epochs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
@@ -131,26 +133,35 @@ def main(argv: list[str] | None = None) -> int:
         model = None if args.checkpoint == "raw-pixels" else load_pretrained(args.checkpoint)
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    attentive = args.task == "attentive"
     if model is None:
+        if attentive:
+            raise SystemExit("error: the attentive probe needs patch tokens; give a model --checkpoint")
         size = args.image_size or 28
         x_tr, x_te = raw_pixels(splits.train, size), raw_pixels(splits.test, size)
     else:
         size = args.image_size or model.image_size or 16 * model.patch_size
-        pool = args.features == "mean-patch"
+        pool = args.features == "mean-patch" and not attentive
         feats = [
-            extract_features(model, s, size, args.batch_size, keep_patches=pool, pool_patches=pool,
+            extract_features(model, s, size, args.batch_size, keep_patches=pool or attentive, pool_patches=pool,
                              device=args.device, desc=f"features ({name})")
             for name, s in (("train", splits.train), ("test", splits.test))
         ]  # fmt: skip
-        x_tr, x_te = (f.mean_patch if pool else f.global_repr for f in feats)
+        if attentive:
+            x_tr, x_te = (f.feature_map.flatten(1, 2) for f in feats)
+        else:
+            x_tr, x_te = (f.mean_patch if pool else f.global_repr for f in feats)
     if args.task == "knn":
         metric = {"top1": knn_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels, args.k, args.temperature)}
         metric.update(k=args.k, temperature=args.temperature)
+    elif attentive:
+        top1 = attentive_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels, epochs=args.epochs, seed=args.seed)
+        metric = {"top1": top1, "epochs": args.epochs}
     else:
         metric = {"top1": linear_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels)}
     row = {
         "task": args.task, "checkpoint": args.checkpoint, "dataset": args.dataset,
-        "features": "raw-pixels" if model is None else args.features, "image_size": size, **metric,
+        "features": "raw-pixels" if model is None else ("patch-tokens" if attentive else args.features), "image_size": size, **metric,
         "n_train": len(splits.train), "n_test": len(splits.test), "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     print(json.dumps(row))

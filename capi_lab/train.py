@@ -404,7 +404,7 @@ def make_loader(run: RunConfig, fabric: Fabric, source: Any, start_step: int) ->
         workers = max(0, min(8, (os.cpu_count() or 1) // max(fabric.local_rank + 1, 1) - 1))
         workers = min(workers, max((os.cpu_count() or 1) // max(torch.cuda.device_count(), 1) - 1, 0))
     return torch.utils.data.DataLoader(
-        PretrainStream(source, cfg.image_size, run.seed),
+        PretrainStream(source, cfg.image_size, run.seed, cfg.crop_scale),
         batch_size=cfg.batch_size,
         sampler=StreamSampler(cfg.batch_size, fabric.global_rank, fabric.world_size, start_step),
         collate_fn=MaskCollator(grid, cfg.mask, run.seed),

@@ -14,6 +14,19 @@ from capi_lab.evaluation import knn_accuracy, knn_predict, linear_accuracy
 from capi_lab.pretrained import model_state
 
 
+def test_attentive_probe_learns_where_pooling_fails():
+    from capi_lab.evaluation import attentive_accuracy
+
+    # the class is carried by one token among many noise tokens whose mean hides it
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(1200) % 3
+    tokens = torch.randn(1200, 16, 32, generator=g)
+    tokens[torch.arange(1200), 0, :3] += 6 * torch.nn.functional.one_hot(y, 3).float()
+    tokens[:, 0, 3] += 6  # the informative token is findable
+    acc = attentive_accuracy(tokens[:1000], y[:1000], tokens[1000:], y[1000:], epochs=20, lr=3e-3, progress=False)
+    assert acc > 0.9
+
+
 def test_knn_votes_are_temperature_weighted():
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
     labels = torch.tensor([0, 1, 1])
