@@ -3,10 +3,13 @@
     python -m capi_lab.eval knn --checkpoint CKPT --dataset fashion-mnist
     python -m capi_lab.eval linear --checkpoint CKPT --dataset path/to/folder_with_class_subfolders
     python -m capi_lab.eval attentive --checkpoint CKPT --dataset fashion-mnist --limit-train 10000
+    python -m capi_lab.eval seg-knn --checkpoint CKPT --dataset tuxpaint
 
 Prints one JSON line with the metrics. ``--checkpoint`` takes anything load_pretrained accepts, or
 ``raw-pixels`` for the pixel baseline. A folder dataset uses its ``train/`` and ``val/`` (or ``test/``)
 sub-folders when present, else a seeded, class-stratified 80/20 split of its class sub-folders.
+``seg-knn`` takes ``tuxpaint`` (the fetched stamps, see capi_lab.evaluation.segmentation) or a folder
+of class sub-folders of RGBA cut-outs, pasted on the demo photos.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from capi_lab.config import ConfigError
 from capi_lab.data import DataError, FileImages, ImageSource, eval_transform, list_images, load_fashion_mnist
 
 
@@ -102,6 +106,17 @@ def load_labeled(
     )  # fmt: skip
 
 
+def load_model(spec: str, seed: int = 0):
+    """``random:PRESET`` is a freshly initialised model (the random-init baseline); anything else goes
+    to load_pretrained."""
+    import capi_lab
+
+    if spec.startswith("random:"):
+        torch.manual_seed(seed)
+        return capi_lab.create_model(spec.split(":", 1)[1]).eval()
+    return capi_lab.load_pretrained(spec)
+
+
 def raw_pixels(source: ImageSource, image_size: int) -> torch.Tensor:
     tf = eval_transform(image_size)
     return torch.stack([tf(source.load(i)).flatten() for i in range(len(source))])
@@ -110,11 +125,17 @@ def raw_pixels(source: ImageSource, image_size: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     from capi_lab.evaluation import attentive_accuracy, knn_accuracy, linear_accuracy
     from capi_lab.features import extract_features
-    from capi_lab.pretrained import CheckpointError, load_pretrained
+    from capi_lab.pretrained import CheckpointError
 
     ap = argparse.ArgumentParser(prog="python -m capi_lab.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("task", choices=["knn", "linear", "attentive"])
-    ap.add_argument("--checkpoint", required=True, help="anything load_pretrained accepts, or 'raw-pixels'")
+    ap.add_argument(
+        "task",
+        choices=["knn", "linear", "attentive", "seg-knn", "classification"],
+        help="'classification' = knn and linear on both global and mean-patch features, one extraction",
+    )
+    ap.add_argument(
+        "--checkpoint", required=True, help="anything load_pretrained accepts, 'raw-pixels', or 'random:PRESET'"
+    )
     ap.add_argument("--dataset", required=True, help="'fashion-mnist' or a folder of class sub-folders")
     ap.add_argument("--features", choices=["global", "mean-patch"], default="global")
     ap.add_argument("--image-size", type=int, default=None, help="input side (default: the model's training size)")
@@ -124,14 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit-train", type=int, default=None, help="use a seeded random subset of the train split")
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=20, help="attentive probe training epochs")
+    ap.add_argument("--n-train", type=int, default=300, help="seg-knn: generated train images")
+    ap.add_argument("--n-test", type=int, default=150, help="seg-knn: generated test images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.task == "seg-knn":
+        return _seg_knn(args, t0)
     try:
         splits = load_labeled(args.dataset, args.seed, args.limit_train, args.limit_test)
-        model = None if args.checkpoint == "raw-pixels" else load_pretrained(args.checkpoint)
-    except (DataError, CheckpointError) as e:
+        model = None if args.checkpoint == "raw-pixels" else load_model(args.checkpoint, args.seed)
+    except (DataError, CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
     attentive = args.task == "attentive"
     if model is None:
@@ -141,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         x_tr, x_te = raw_pixels(splits.train, size), raw_pixels(splits.test, size)
     else:
         size = args.image_size or model.image_size or 16 * model.patch_size
-        pool = args.features == "mean-patch" and not attentive
+        pool = (args.features == "mean-patch" or args.task == "classification") and not attentive
         feats = [
             extract_features(model, s, size, args.batch_size, keep_patches=pool or attentive, pool_patches=pool,
                              device=args.device, desc=f"features ({name})")
@@ -149,20 +174,60 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         if attentive:
             x_tr, x_te = (f.feature_map.flatten(1, 2) for f in feats)
+        elif args.task == "classification":
+            x_tr, x_te = feats  # both kinds of features, below
         else:
             x_tr, x_te = (f.mean_patch if pool else f.global_repr for f in feats)
-    if args.task == "knn":
+    if args.task == "classification":
+        y_tr, y_te = splits.train_labels, splits.test_labels
+        kinds = {"raw": (x_tr, x_te)} if model is None else {
+            "global": (x_tr.global_repr, x_te.global_repr), "mean_patch": (x_tr.mean_patch, x_te.mean_patch)
+        }  # fmt: skip
+        metric = {}
+        for name, (a, b) in kinds.items():
+            metric[f"knn_{name}"] = knn_accuracy(a, y_tr, b, y_te, args.k, args.temperature)
+            metric[f"linear_{name}"] = linear_accuracy(a, y_tr, b, y_te)
+    elif args.task == "knn":
         metric = {"top1": knn_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels, args.k, args.temperature)}
         metric.update(k=args.k, temperature=args.temperature)
     elif attentive:
-        top1 = attentive_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels, epochs=args.epochs, seed=args.seed)
+        top1 = attentive_accuracy(
+            x_tr, splits.train_labels, x_te, splits.test_labels, epochs=args.epochs, seed=args.seed
+        )
         metric = {"top1": top1, "epochs": args.epochs}
     else:
         metric = {"top1": linear_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels)}
     row = {
         "task": args.task, "checkpoint": args.checkpoint, "dataset": args.dataset,
-        "features": "raw-pixels" if model is None else ("patch-tokens" if attentive else args.features), "image_size": size, **metric,
+        "features": "raw-pixels" if model is None else ("patch-tokens" if attentive else args.features),
+        "image_size": size, **metric,
         "n_train": len(splits.train), "n_test": len(splits.test), "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    print(json.dumps(row))
+    return 0
+
+
+def _seg_knn(args: argparse.Namespace, t0: float) -> int:
+    from capi_lab.evaluation.segmentation import tuxpaint_sets
+    from capi_lab.pretrained import CheckpointError
+
+    if args.checkpoint == "raw-pixels":
+        raise SystemExit("error: seg-knn needs patch features; give a model --checkpoint")
+    try:
+        model = load_model(args.checkpoint, args.seed)
+        size = args.image_size or model.image_size or 16 * model.patch_size
+        root = None if args.dataset == "tuxpaint" else Path(args.dataset)
+        train, test = tuxpaint_sets(size, args.n_train, args.n_test, args.seed, root)
+    except (DataError, CheckpointError, ConfigError) as e:
+        raise SystemExit(f"error: {e}") from None
+    from capi_lab.evaluation.segmentation import seg_knn_miou
+
+    k = args.k if args.k != 20 else 10
+    metric = seg_knn_miou(model, train, test, k=k, temperature=args.temperature, device=args.device)
+    row = {
+        "task": "seg-knn", "checkpoint": args.checkpoint, "dataset": args.dataset, "image_size": size, **metric,
+        "classes": train.classes, "n_train": len(train), "n_test": len(test),
+        "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     print(json.dumps(row))
     return 0

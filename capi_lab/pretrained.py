@@ -24,6 +24,8 @@ PUBLISHED = ("capi_vitl14_lvd", "capi_vitl14_i22k", "capi_vitl14_in1k", "capi_vi
 """Names of the authors' published ViT-L/14 checkpoints (LVD-142M, IN22k, IN1k, Places205)."""
 
 FORMAT = "capi_lab"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
+"""The embedded default model (trained on the demo photos; see weights/MODEL_CARD.md)."""
 _AUTHORS_PREFIX = "backbone."
 
 
@@ -217,6 +219,7 @@ def model_from_capi_lab(obj: dict[str, Any], which: str = "teacher") -> CAPIMode
     )
     _load_strict(model, sd, "the capi_lab checkpoint")
     model.image_size = full.image_size
+    model.meta = dict(obj.get("meta", {}))  # training provenance, when the file records it
     return model
 
 
@@ -224,8 +227,9 @@ def load_pretrained(src: str | Path, device: str | torch.device = "cpu") -> CAPI
     """An eval-mode CAPI model from ``src``.
 
     Args:
-        src: a path to an authors' ``.pth`` state dict (keys ``backbone.*``; the architecture is read off
-            the shapes); a capi_lab checkpoint or model file; or a published name (``capi_vitl14_lvd``,
+        src: ``"default"`` (the embedded default model); a path to an authors' ``.pth`` state dict (keys
+            ``backbone.*``; the architecture is read off the shapes); a capi_lab checkpoint or model file;
+            or a published name (``capi_vitl14_lvd``,
             ``capi_vitl14_i22k``, ``capi_vitl14_in1k``, ``capi_vitl14_p205``), downloaded into torch.hub's
             cache on first use.
         device: where to put the model.

@@ -148,3 +148,71 @@ def test_fashion_mnist_raw_pixel_knn(capsys):
     capi_eval.main(args)
     row = json.loads(capsys.readouterr().out)
     assert row["n_train"] == 2000 and 0.65 < row["top1"] < 0.95
+
+
+def test_patch_labels_and_mean_iou_by_hand():
+    from capi_lab.evaluation.segmentation import mean_iou, patch_labels
+
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, :2, :2] = 1  # top-left patch all class 1
+    labels[0, 2, 2] = 2  # one pixel of class 2 in the bottom-right patch: majority stays 0
+    assert patch_labels(labels, 2, 3).tolist() == [[[1, 0], [0, 0]]]
+    pred = torch.tensor([[0, 1], [1, 1]])
+    target = torch.tensor([[0, 1], [0, 1]])
+    miou, acc = mean_iou(pred, target, 3)  # class 0: 1/2, class 1: 2/3, class 2 absent
+    assert miou == pytest.approx((1 / 2 + 2 / 3) / 2) and acc == pytest.approx(0.75)
+
+
+@pytest.fixture(scope="module")
+def stamps(tmp_path_factory):
+    """Synthetic 'cut-outs': red discs and green bars with exact alpha masks."""
+    root = tmp_path_factory.mktemp("stamps")
+    yy, xx = np.mgrid[:40, :40]
+    for cls, colour in (("discs", (220, 30, 30)), ("bars", (30, 200, 30))):
+        (root / cls).mkdir()
+        for i in range(6):
+            a = np.zeros((40, 40, 4), np.uint8)
+            a[..., :3] = colour
+            shape = ((yy - 20) ** 2 + (xx - 20) ** 2 < (12 + i) ** 2) if cls == "discs" else (abs(xx - 20) < 4 + i)
+            a[..., 3] = np.where(shape, 255, 0)
+            Image.fromarray(a, "RGBA").save(root / cls / f"{i}.png")
+    return root
+
+
+def test_generated_segmentation_set_is_exact_and_deterministic(stamps):
+    from capi_lab.data import demo_photo_paths
+    from capi_lab.evaluation.segmentation import StampSegmentation
+
+    ds = StampSegmentation(stamps, demo_photo_paths(), n_images=6, image_size=32, split="train")
+    img, lab = ds[3]
+    again_img, again_lab = ds[3]
+    assert img.size == (32, 32) and lab.shape == (32, 32) and np.array_equal(lab, again_lab)
+    assert ds.classes == ["bars", "discs"] and set(np.unique(lab)) <= {0, 1, 2} and (lab > 0).any()
+    # labelled pixels carry the stamp's colour
+    colour = np.asarray(img)[lab > 0].mean(0)
+    assert colour.max() > 150
+    test = StampSegmentation(stamps, demo_photo_paths(), n_images=6, image_size=32, split="test")
+    assert not set(map(str, sum(test.stamps, []))) & set(map(str, sum(ds.stamps, [])))  # unseen stamps
+
+
+def test_seg_knn_cli(stamps, tiny_checkpoint, capsys, tmp_path):
+    args = ["seg-knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(stamps), "--n-train", "12",
+            "--n-test", "6", "--image-size", "32"]  # fmt: skip
+    assert capi_eval.main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["task"] == "seg-knn" and row["num_classes"] == 3 and 0 <= row["miou"] <= 1
+    with pytest.raises(SystemExit, match="fetch_demo_data.py --only tuxpaint"):
+        capi_eval.main(["seg-knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(tmp_path / "none")])
+
+
+def test_classification_task_reports_all_four(colour_folder, tiny_checkpoint, capsys):
+    capi_eval.main(
+        ["classification", "--checkpoint", str(tiny_checkpoint), "--dataset", str(colour_folder), "--k", "3"]
+    )
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"knn_global", "knn_mean_patch", "linear_global", "linear_mean_patch"} <= row.keys()
+    capi_eval.main(["classification", "--checkpoint", "raw-pixels", "--dataset", str(colour_folder), "--k", "3"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["knn_raw"] == 1.0 and row["linear_raw"] == 1.0
+    with pytest.raises(SystemExit, match="unknown preset"):
+        capi_eval.main(["knn", "--checkpoint", "random:vit_zz", "--dataset", str(colour_folder)])

@@ -54,3 +54,13 @@ def test_pinned_torch_matches_the_machine_wheels():
     assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
     for need in ("timm", "lightning", "gradio", "plotly", "ipywidgets", "umap-learn", "jupyterlab"):
         assert any(d.startswith(need) for d in deps), need
+
+
+def test_app_examples_are_attributed():
+    examples = ROOT / "app" / "examples"
+    photos = sorted(p.name for p in examples.glob("*.jpg"))
+    assert 6 <= len(photos) <= 8
+    attribution = (examples / "ATTRIBUTION.md").read_text()
+    for name in photos:
+        row = next(line for line in attribution.splitlines() if line.startswith(f"| {name} |"))
+        assert "public domain" in row or "CC0" in row

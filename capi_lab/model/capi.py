@@ -138,6 +138,8 @@ class CAPIModel(nn.Module):
         self.config = config
         self.image_size: int | None = None
         """Side of the images it was trained on, when known (capi_lab checkpoints record it)."""
+        self.meta: dict = {}
+        """Training provenance (command, steps, hardware, data), when the checkpoint records it."""
         self.backbone = CAPIBackbone(config)
         self.head = StudentHead(config.dim_pred, config.num_prototypes) if student_head else None
         self.clustering_head = ClusteringHead(config.embed_dim, config.num_prototypes) if clustering_head else None

@@ -1,0 +1,63 @@
+"""The embedded default model (capi_lab/weights/default.pt) and its model card."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import capi_lab
+from capi_lab import pretrained
+from capi_lab.data import demo_photos, eval_transform
+from capi_lab.pca import pca_basis, pca_rgb
+
+WEIGHTS = pretrained.DEFAULT_MODEL.parent
+
+
+def test_default_model_loads_with_provenance():
+    assert pretrained.DEFAULT_MODEL.stat().st_size <= 25 * 2**20
+    model = capi_lab.load_pretrained("default")
+    assert not model.training and model.head is not None and model.clustering_head is not None
+    assert model.image_size == 64 and model.patch_size == 8
+    for key in ("command", "train_command", "steps", "train_seconds", "hardware", "data", "final_metrics"):
+        assert key in model.meta, key
+    assert "--preset default" in model.meta["train_command"]
+
+
+def test_default_model_card_and_pictures():
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    for needle in ("python scripts/build_default_model.py", "CC0", "Fashion-MNIST", "default_pca.png", "CPU"):
+        assert needle in card, needle
+    assert (WEIGHTS / "default_pca.png").stat().st_size > 10_000
+
+
+def test_default_model_sees_structure_in_a_photo():
+    model = capi_lab.load_pretrained("default")
+    photo = next(p.path for p in demo_photos() if p.path.stem == "astronaut")
+    x = eval_transform(128)(Image.open(photo).convert("RGB"))[None]
+    with torch.no_grad():
+        _, _, fmap = model(x)
+        assignments = model.cluster_logits(x).argmax(-1)
+    rgb = pca_rgb([fmap[0]])[0]
+    assert rgb.shape == (16, 16, 3) and (rgb.reshape(-1, 3).std(0) > 0.05).all()
+    assert assignments.unique().numel() >= 5
+
+
+def test_missing_default_model_says_how_to_rebuild(monkeypatch, tmp_path):
+    monkeypatch.setattr(pretrained, "DEFAULT_MODEL", tmp_path / "default.pt")
+    with pytest.raises(pretrained.CheckpointError, match="build_default_model.py"):
+        capi_lab.load_pretrained("default")
+
+
+def test_pca_is_sign_fixed_and_joint():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    _, comps, ratio = pca_basis(x)
+    _, comps2, _ = pca_basis(x[torch.randperm(200, generator=g)])
+    assert torch.allclose(comps, comps2, atol=1e-4)  # same basis whatever the row order, same signs
+    assert (comps.abs().argmax(1) == comps.argmax(1)).all()  # largest loading positive
+    assert (ratio[:-1] >= ratio[1:]).all() and ratio.sum() <= 1
+    a, b = torch.randn(4, 5, 8, generator=g), torch.randn(3, 6, 8, generator=g)
+    ra, rb = pca_rgb([a, b])
+    assert ra.shape == (4, 5, 3) and rb.shape == (3, 6, 3)
+    assert float(torch.cat([ra.flatten(), rb.flatten()]).min()) >= 0 and float(ra.max()) <= 1
+    assert np.allclose(pca_rgb([a, b])[0].numpy(), ra.numpy())
