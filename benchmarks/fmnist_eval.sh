@@ -5,7 +5,7 @@
 #   bash benchmarks/fmnist_eval.sh [TINY_CKPT]     (default TINY_CKPT: runs/fmnist_tiny/checkpoints/last.ckpt)
 # To make TINY_CKPT:
 #   python -m capi_lab.train --preset tiny --data fashion-mnist --output-dir runs/fmnist_tiny \
-#       --max-steps 1000 --batch-size 256 --compile --log-every 50
+#       --max-steps 1000 --batch-size 256 --compile --log-every 50   # tiny now uses momentum 0.99
 set -euo pipefail
 TINY=${1:-runs/fmnist_tiny/checkpoints/last.ckpt}
 E="python -m capi_lab.eval"

@@ -234,7 +234,17 @@ def load_pretrained(src: str | Path, device: str | torch.device = "cpu") -> CAPI
             cache on first use.
         device: where to put the model.
     """
-    path = fetch_published(src) if isinstance(src, str) and src in PUBLISHED else Path(src)
+    if isinstance(src, str) and src in PUBLISHED:
+        path = fetch_published(src)
+    elif isinstance(src, str) and src == "default":
+        path = DEFAULT_MODEL
+        if not path.exists():
+            raise CheckpointError(
+                f"the embedded default model is missing ({path}); "
+                "rebuild it with `python scripts/build_default_model.py`"
+            )
+    else:
+        path = Path(src)
     obj = read_checkpoint(path)
     if obj.get("format") == FORMAT:
         model = model_from_capi_lab(obj)

@@ -52,28 +52,42 @@ def pca_figure(model, paths: list[Path], out: Path, size: int) -> None:
     x = torch.stack([tf(im) for im in images])
     with torch.no_grad():
         fmaps = model(x)[2]
-    rgb = pca_rgb(list(fmaps))
-    fig, axes = plt.subplots(2, len(paths), figsize=(2.2 * len(paths), 4.6))
-    for i, (im, r) in enumerate(zip(images, rgb, strict=True)):
+    joint, single = pca_rgb(list(fmaps), joint=True), pca_rgb(list(fmaps), joint=False)
+    fig, axes = plt.subplots(3, len(paths), figsize=(2.2 * len(paths), 6.9))
+    for i, im in enumerate(images):
         w, h = im.size
         s = min(w, h)
         axes[0, i].imshow(im.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size)))
-        axes[1, i].imshow(r.numpy(), interpolation="nearest")
+        axes[1, i].imshow(single[i].numpy(), interpolation="nearest")
+        axes[2, i].imshow(joint[i].numpy(), interpolation="nearest")
         axes[0, i].set_title(paths[i].stem[:18], fontsize=8)
         for a in axes[:, i]:
-            a.axis("off")
-    fig.suptitle(f"default model: joint PCA of patch features at {size} px (first 3 components as RGB)", fontsize=9)
+            a.set_xticks([])
+            a.set_yticks([])
+    axes[1, 0].set_ylabel("PCA per image", fontsize=8)
+    axes[2, 0].set_ylabel("PCA joint", fontsize=8)
+    fig.suptitle(f"default model at {size} px: first 3 principal components of the patch features as RGB", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _figure_photos() -> list[Path]:
+    return [
+        p.path for p in demo_photos() if p.path.stem in ("astronaut", "chelsea", "coffee", "rocket", "grace_hopper")
+    ]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-steps", type=int, default=2000)
     ap.add_argument("--output-dir", default="runs/default")
+    ap.add_argument("--figure-only", action="store_true", help="only redraw default_pca.png from default.pt")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for capi_lab.train")
     args = ap.parse_args()
+    if args.figure_only:
+        pca_figure(load_pretrained("default"), _figure_photos(), WEIGHTS / "default_pca.png", size=128)
+        return 0
     cmd = [sys.executable, "-m", "capi_lab.train", "--preset", "default", "--data", "demo-photos",
            "--output-dir", args.output_dir, "--max-steps", str(args.max_steps), "--log-every", "50",
            "--checkpoint-every", "500", *args.extra]  # fmt: skip
@@ -91,7 +105,7 @@ def main() -> int:
         "steps": int(raw["step"]),
         "train_seconds": round(seconds),
         "hardware": hardware(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "data": dict(Counter(p.source for p in photos)),
         "final_metrics": metrics[-1],
         "date": time.strftime("%Y-%m-%d"),
@@ -100,8 +114,7 @@ def main() -> int:
     from capi_lab.config import CAPIConfig
 
     torch.save(model_state(model, CAPIConfig.from_dict(raw["config"]), meta=meta), WEIGHTS / "default.pt")
-    pick = [p.path for p in photos if p.path.stem in ("astronaut", "chelsea", "coffee", "rocket", "grace_hopper")]
-    pca_figure(model, pick, WEIGHTS / "default_pca.png", size=128)
+    pca_figure(model, _figure_photos(), WEIGHTS / "default_pca.png", size=128)
     print(json.dumps({k: v for k, v in meta.items() if k != "final_metrics"}))
     print(f"wrote {WEIGHTS / 'default.pt'} ({(WEIGHTS / 'default.pt').stat().st_size / 1e6:.1f} MB)")
     return 0
