@@ -216,3 +216,11 @@ def test_classification_task_reports_all_four(colour_folder, tiny_checkpoint, ca
     assert row["knn_raw"] == 1.0 and row["linear_raw"] == 1.0
     with pytest.raises(SystemExit, match="unknown preset"):
         capi_eval.main(["knn", "--checkpoint", "random:vit_zz", "--dataset", str(colour_folder)])
+
+
+def test_eval_works_with_an_authors_layout_checkpoint(colour_folder, tmp_path, capsys):
+    model = capi_lab.create_model("tiny", num_prototypes=32)
+    path = capi_lab.save_authors_checkpoint(model, tmp_path / "authors.pth")  # backbone only, no heads
+    assert capi_eval.main(["knn", "--checkpoint", str(path), "--dataset", str(colour_folder), "--k", "3"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["image_size"] == 64  # no recorded training size: 16 patches
