@@ -321,8 +321,9 @@ class PretrainStream(Dataset):
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
         n = len(self.source)
         skipped = 0
+        base = self._index(pos)
         for attempt in range(n):
-            i = self._index(pos + attempt) if attempt == 0 else (self._index(pos) + attempt) % n
+            i = (base + attempt) % n  # an undecodable image is replaced by the next one in index order
             if i in self._bad:
                 skipped += 1
                 continue

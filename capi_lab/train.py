@@ -373,6 +373,9 @@ class MetricsWindow:
     """Accumulates step outputs on the device; ``flush`` reduces across ranks (one host sync)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.used: Tensor | None = None
         self.n = 0
@@ -392,7 +395,7 @@ class MetricsWindow:
         used = fabric.all_reduce(self.used.float(), reduce_op="sum")
         dt = time.perf_counter() - self.t0
         out = {**means, "prototypes_used": int((used > 0).sum()), "images_per_s": self.images * fabric.world_size / dt}
-        self.__init__()
+        self.reset()
         return out
 
 
