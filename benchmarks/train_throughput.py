@@ -25,6 +25,17 @@ from capi_lab.masking import MaskBatch, sample_masks
 from capi_lab.train import build_trainer, train_step
 
 
+def _sinkhorn_potentials_max_every_step(z: torch.Tensor, n_iter: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same Sinkhorn scalings with a max-stabilised log-sum-exp in every half-iteration (for --sinkhorn)."""
+    from capi_lab.sinkhorn import _logsumexp_images
+
+    z, log_v = z.float(), None
+    for _ in range(n_iter):
+        log_u = -_logsumexp_images(z if log_v is None else z + log_v)
+        log_v = -torch.logsumexp(z + log_u, dim=2, keepdim=True)
+    return log_u, log_v
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="vit_l14")
@@ -37,7 +48,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--profile", default=None, help="write a table of the top kernels of 3 profiled steps here")
+    p.add_argument(
+        "--sinkhorn",
+        default="single-pass",
+        choices=["single-pass", "max-every-step"],
+        help="ablation: 'max-every-step' stabilises every compiled Sinkhorn half-iteration with a max (two passes "
+        "over the logits each) instead of the library's previous-scaling stabiliser",
+    )
     args = p.parse_args()
+    if args.sinkhorn == "max-every-step":
+        import capi_lab.sinkhorn as sk
+
+        sk.sinkhorn_potentials = _sinkhorn_potentials_max_every_step
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
@@ -100,6 +122,7 @@ def main() -> None:
         "batch_size": b,
         "image_size": cfg.image_size,
         "compile": args.compile,
+        "sinkhorn": args.sinkhorn,
         "precision": precision,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "images_per_s": round(b / med, 1),

@@ -46,16 +46,36 @@ def _logsumexp_images(x: Tensor) -> Tensor:
     return m + torch.log(s)
 
 
+def _log_sum_images(x: Tensor) -> Tensor:
+    """``log(sum(exp(x)))`` over the image axis (dim 0) of the global batch, for ``x <= 0`` whose sums
+    cannot underflow: one pass, no max."""
+    s = torch.exp(x).sum(dim=0, keepdim=True)
+    if _distributed():
+        dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    return torch.log(s)
+
+
 def sinkhorn_potentials(
     z: Float[Tensor, "b n k"], n_iter: int = 3
 ) -> tuple[Float[Tensor, "1 n k"], Float[Tensor, "b n 1"]]:
     """Log-scalings with ``exp(z + log_u + log_v)`` balanced: images on axis 0 (split across ranks),
-    positions on axis 1 (balanced separately), prototypes on axis 2. Computed in fp32."""
+    positions on axis 1 (balanced separately), prototypes on axis 2. Computed in fp32.
+
+    Only the first iteration needs max-stabilised log-sum-exps. From then on the previous scalings are
+    the stabiliser, so every later half-iteration reads the logits once:
+
+    * after a column step every column sums to 1 over the images, so ``z + log_u + log_v <= 0``; the
+      next row sum is over entries <= 1 and, the rows having summed to 1 before the column step, at
+      least ``1 / B`` (a column sum is at most B) — no overflow, no underflow;
+    * after a row step every row sums to 1, so ``z + log_u + log_v <= 0``; the next column sum is at
+      least ``1 / K`` (each row was divided by at most K) — again safe in fp32.
+    """
     z = z.float()
-    log_v = None
-    for _ in range(n_iter):
-        log_u = -_logsumexp_images(z if log_v is None else z + log_v)  # columns: sum over images
-        log_v = -torch.logsumexp(z + log_u, dim=2, keepdim=True)  # rows: sum over prototypes
+    log_u = -_logsumexp_images(z)
+    log_v = -torch.logsumexp(z + log_u, dim=2, keepdim=True)
+    for _ in range(n_iter - 1):
+        log_u = log_u - _log_sum_images(z + log_u + log_v)
+        log_v = log_v - torch.log(torch.exp(z + log_u + log_v).sum(dim=2, keepdim=True))
     return log_u, log_v
 
 
