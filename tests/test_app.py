@@ -1,0 +1,317 @@
+"""The Gradio app: every view at handler level, every bad input, concurrent API clients, a real browser."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import capi_lab
+from capi_lab import explore as ex
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+app = _load("capi_app_main", ROOT / "app" / "main.py")
+PHOTOS = [str(p) for p in app.EXAMPLES]
+
+
+@pytest.fixture(scope="module")
+def wb():
+    return app.Workbench(capi_lab.load_pretrained("default"), "default")
+
+
+def _is_picture(x) -> bool:
+    return isinstance(x, Image.Image) and x.mode == "RGB" and min(x.size) > 0
+
+
+def test_importing_the_app_loads_nothing_and_builds_in_a_function():
+    src = (ROOT / "app" / "main.py").read_text()
+    assert 'if __name__ == "__main__":' in src
+    assert not hasattr(app, "demo")  # nothing built or launched at import
+
+
+def test_pca_view(wb):
+    maps, comps, fig, status = app.pca_view(wb, PHOTOS[:3], 64, 3)
+    assert len(maps) == 3 and len(comps) == 3
+    pic, caption = maps[0]
+    assert _is_picture(pic) and "joint PCA" in caption
+    assert pic.width == 3 * 64 + 2 * 4  # image | own PCA | joint PCA, 4 px apart
+    assert comps[0][0].width == 3 * 64 + 2 * 4  # 3 components side by side
+    ev = fig.data[0].y
+    assert len(ev) >= 3 and np.all(np.diff(ev) <= 1e-6) and 0 < sum(ev) <= 1 + 1e-6
+    assert "3 image(s) at 64 px" in status
+
+
+def test_joint_pca_colours_agree_across_images(wb):
+    """The same image twice gets identical joint-PCA colours; per-image PCA is sign-fixed and repeatable."""
+    enc = wb.encode(ex.load_images([PHOTOS[0], PHOTOS[0]])[0], 64)
+    res = ex.pca_maps(enc)
+    assert np.allclose(res.joint[0], res.joint[1])
+    again = ex.pca_maps(enc)
+    assert np.array_equal(res.per_image[0], again.per_image[0])
+
+
+def test_clusters_view_with_and_without_balancing(wb):
+    maps, ents, gallery, status = app.clusters_view(wb, PHOTOS[:2], 64, False, 5)
+    assert len(maps) == 2 and len(ents) == 2 and 1 <= len(gallery) <= 5
+    assert all(_is_picture(p) for p, _ in maps + ents + gallery)
+    assert "clustering head" in status and "softmax" in status
+    *_, status_b = app.clusters_view(wb, PHOTOS[:2], 64, True, 5)
+    assert "Sinkhorn-balanced" in status_b
+    enc = wb.encode(ex.load_images(PHOTOS[:2])[0], 64)
+    plain, balanced = ex.cluster_maps(enc, balance=False), ex.cluster_maps(enc, balance=True)
+    # balancing spreads the patches over more clusters
+    assert len(balanced.usage) > len(plain.usage)
+    assert max(c for _, c in balanced.usage) < max(c for _, c in plain.usage)
+
+
+def test_clusters_fall_back_to_kmeans_without_clustering_head(wb):
+    backbone_only = capi_lab.CAPIModel(wb.model.config, student_head=False, clustering_head=False)
+    backbone_only.load_state_dict(wb.model.state_dict(), strict=False)
+    bare = app.Workbench(backbone_only, "authors-style backbone")
+    maps, _, gallery, status = app.clusters_view(bare, PHOTOS[:2], 64)
+    assert "k-means" in status and "no clustering head" in status
+    assert len(maps) == 2 and gallery
+    with pytest.raises(ex.InputError, match="no student head"):
+        app.reconstruct_view(bare, PHOTOS[:1])
+    assert "backbone only" in bare.describe()
+
+
+@pytest.mark.parametrize("strategy", app.STRATEGIES)
+def test_reconstruct_view(wb, strategy):
+    pics, status = app.reconstruct_view(wb, PHOTOS[:2], 1, 64, strategy, 0.5, False, 3)
+    assert len(pics) == 5 and all(_is_picture(p) for p, _ in pics)
+    assert PHOTOS[1].endswith(status.split("**")[1])  # the chosen image
+    rec, _ = ex.reconstruct(wb.model, ex.load_images(PHOTOS[1:2])[0][0].image, 64, strategy, 0.5, False, 3)
+    assert rec.mask.sum() == 32  # half of the 8x8 patches
+    assert (rec.predicted[rec.mask] >= 0).all() and (rec.predicted[~rec.mask] == -1).all()
+    assert 0 <= rec.top1 <= rec.top5 <= 1
+    assert f"{rec.top1:.1%}" in status
+
+
+def test_reconstruction_beats_chance(wb):
+    """The default model's predictor names the teacher's cluster far above chance (1/1024)."""
+    imgs = ex.load_images(PHOTOS)[0]
+    top5 = np.mean([ex.reconstruct(wb.model, li.image, 64, seed=s)[0].top5 for li in imgs for s in range(2)])
+    assert top5 > 20 * 5 / wb.model.config.num_prototypes
+
+
+def test_reconstruct_rejects_bad_settings(wb):
+    with pytest.raises(ex.InputError, match="strategy"):
+        app.reconstruct_view(wb, PHOTOS[:1], 0, 64, "checkerboard")
+    with pytest.raises(ex.InputError, match="out of range"):
+        app.reconstruct_view(wb, PHOTOS[:1], 3, 64)
+    with pytest.raises(ex.InputError, match="0 masked"):
+        app.reconstruct_view(wb, PHOTOS[:1], 0, 16, "random", 0.1)  # 2x2 patches: nothing to mask
+
+
+def test_similarity_view_and_click_mapping(wb):
+    out, status = app.similarity_view(wb, PHOTOS[:3], 1, 2, 5, 64)
+    assert len(out) == 3 and "(query image)" in out[1][1]
+    enc = wb.encode(ex.load_images(PHOTOS[:3])[0], 64)
+    sims = ex.similarity_maps(enc, 1, 2, 5)
+    assert sims[1][2, 5] == pytest.approx(1.0, abs=1e-5)  # a patch is most similar to itself
+    assert all(s.max() <= 1 + 1e-5 and s.min() >= -1 - 1e-5 for s in sims)
+    assert ex.patch_at((8, 8), (64, 64), 63.9, 0.0) == (0, 7)
+    assert ex.patch_at((8, 8), (64, 64), 20, 41) == (5, 2)
+    with pytest.raises(ex.InputError, match="outside"):
+        app.similarity_view(wb, PHOTOS[:1], 0, 8, 0, 64)
+
+
+def test_model_panel(wb):
+    text = wb.describe()
+    for part in ("Source", "encoder 6 blocks × 192", "patch 8", "Parameters", "Training", "MODEL_CARD"):
+        assert part in text
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _bad_files(tmp: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    f = {}
+    f["text"] = tmp / "notes.jpg"
+    f["text"].write_text("this is not an image")
+    full = tmp / "full.jpg"
+    photo.save(full)
+    f["truncated"] = tmp / "truncated.jpg"
+    f["truncated"].write_bytes(full.read_bytes()[:300])
+    f["empty"] = tmp / "empty.png"
+    f["empty"].write_bytes(b"")
+    f["tiny"] = tmp / "one_pixel.png"
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(f["tiny"])
+    return f
+
+
+def test_bad_files_are_named_and_skipped(wb, tmp_path):
+    bad = _bad_files(tmp_path)
+    maps, _, _, status = app.pca_view(wb, [PHOTOS[0], *map(str, bad.values())], 64)
+    assert len(maps) == 1  # the good photo still gets its picture
+    assert "notes.jpg: not an image" in status
+    assert "truncated.jpg: a corrupt or truncated image" in status
+    assert "empty.png: the file is empty" in status
+    assert "one_pixel.png: 1x1 px is too small" in status
+    with pytest.raises(ex.InputError, match="none of the files could be used"):
+        app.pca_view(wb, [str(bad["text"])], 64)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "I;16", "P"])
+def test_other_image_modes_are_converted(wb, tmp_path, mode):
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (50, 60), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (50, 60, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / ("x.jpg" if mode in ("L", "CMYK") else "x.png")
+    img.save(path)
+    images, notes = ex.load_images([path])
+    assert images[0].image.mode == "RGB" and images[0].image.size == (60, 50)
+    assert any("converted to 8-bit RGB" in n for n in notes)
+    if mode == "I;16":  # rescaled, not clipped to white
+        assert np.asarray(images[0].image).std() > 20
+    maps, *_ , status = app.pca_view(wb, [str(path)], 64)  # fmt: skip
+    assert len(maps) == 1 and "converted" in status
+
+
+def test_huge_image_is_downscaled(wb, tmp_path):
+    path = tmp_path / "huge.jpg"
+    Image.new("RGB", (12000, 9000), (30, 120, 200)).save(path, quality=50)
+    images, notes = ex.load_images([path])
+    assert max(images[0].image.size) <= ex.MAX_INPUT_SIDE
+    assert "12000x9000 px downscaled" in notes[0]
+    maps, *_ = app.pca_view(wb, [str(path)], 64)
+    assert maps[0][0].height == 48  # 4:3 at 64 px longer side
+
+
+def test_too_many_images_and_oversized_files(wb, tmp_path):
+    with pytest.raises(ex.InputError, match=f"at most {ex.MAX_IMAGES}"):
+        app.pca_view(wb, [PHOTOS[0]] * (ex.MAX_IMAGES + 1), 64)
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:  # sparse: no disk used
+        f.write(Path(PHOTOS[0]).read_bytes())
+        f.truncate((ex.MAX_FILE_MB + 1) * 2**20)
+    with pytest.raises(ex.InputError, match=f"over the {ex.MAX_FILE_MB} MB limit"):
+        app.pca_view(wb, [str(big)], 64)
+    with pytest.raises(ex.InputError, match="no image given"):
+        app.pca_view(wb, None, 64)
+
+
+def test_errors_reach_the_ui_as_messages(wb):
+    import gradio as gr
+
+    guarded = app._guard(lambda f: app.pca_view(wb, f, 64))
+    with pytest.raises(gr.Error, match="no image given"):
+        guarded(None)
+
+
+def test_bad_checkpoint_paths_give_clear_cli_errors(tmp_path):
+    not_ckpt = tmp_path / "weights.pt"
+    not_ckpt.write_text("not a checkpoint")
+    for args, expect in (
+        (["--checkpoint", str(tmp_path / "missing.ckpt")], "does not exist"),
+        (["--checkpoint", str(not_ckpt)], "weights.pt"),
+    ):
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "app" / "main.py"), *args], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 2, r.stderr
+        assert expect in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------ served app
+@pytest.fixture(scope="module")
+def served(wb):
+    demo = app.build_demo(wb)
+    demo.queue(default_concurrency_limit=2).launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs(port=None))
+    yield demo, demo.local_url
+    demo.close()
+
+
+def test_eight_concurrent_api_clients(served):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from gradio_client import Client, handle_file
+
+    _, url = served
+    client = Client(url, verbose=False)
+    assert {"/pca", "/clusters", "/reconstruct", "/similarity"} <= set(
+        client.view_api(return_format="dict")["named_endpoints"]
+    )
+
+    def call(i):
+        photo = handle_file(PHOTOS[i % len(PHOTOS)])
+        if i % 4 == 0:
+            return client.predict([photo], 64, 3, api_name="/pca")
+        if i % 4 == 1:
+            return client.predict([photo], 64, False, 6, api_name="/clusters")
+        if i % 4 == 2:
+            return client.predict([photo], 0, 64, "block", 0.5, True, i, api_name="/reconstruct")
+        return client.predict([photo], 0, 1, 2, 64, api_name="/similarity")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(8)))
+    assert len(results) == 8
+    for r in results:
+        gallery = r[0]
+        assert gallery and all(Path(item["image"]).suffix == ".png" for item in gallery)
+        assert Image.open(gallery[0]["image"]).mode == "RGB"
+
+
+def test_real_browser(served, tmp_path):
+    """Headless Chromium: upload photos, run each view, wait for its images, click a patch, see a bad file's
+    message, and nothing is fetched from the internet. Skips only off CI when Chromium is absent."""
+    browser_check = _load("capi_app_browser", ROOT / "app" / "browser_check.py")
+    if browser_check.chromium_path() is None:
+        if os.environ.get("CI") or os.environ.get("CAPI_LAB_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is missing: `apt-get install chromium` (the CI set-up does this)")
+        pytest.skip("no Chromium here: `apt-get install chromium` to run the browser test")
+    _, url = served
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    r = browser_check.drive_app(url, PHOTOS[:2], tmp_path, bad_file=str(bad))
+    assert r["images"] == {"pca": 2, "clusters": 2, "reconstruct": 5, "similarity": 2}
+    assert all(Path(p).stat().st_size > 5000 for p in r["screenshots"].values())
+    assert "Top-1 agreement" in r["status"]["reconstruct"]
+    assert "(row 0, col 0)" not in r["status"]["similarity_click"]  # the click chose another patch
+    assert "broken.jpg: not an image" in r["error_message"]
+    assert r["external_requests"] == []
+
+
+def test_app_starts_from_the_command_line():
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app" / "main.py"), "--port", str(port)])
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 60:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("the app did not answer within 60 s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
