@@ -213,7 +213,7 @@ def reconstruct_view(
         "predicted": "predicted cluster at masked patches",
         "teacher": "teacher's cluster, full image",
         "agreement": "agreement: green top-1, yellow top-5, red miss",
-        "confidence": "predictor confidence (black 0 → white 1)",
+        "confidence": f"predictor confidence (black 0 → white {rec.confidence.max():.2f})",
     }
     n_masked = int(rec.mask.sum())
     k = wb.model.config.num_prototypes

@@ -143,7 +143,8 @@ def mask_picture(enc: Encoded, mask: np.ndarray) -> Image.Image:
 def reconstruction_pictures(enc: Encoded, rec: Reconstruction, colors: np.ndarray) -> dict[str, Image.Image]:
     """``mask``, ``predicted`` (predicted clusters on masked patches, the visible picture elsewhere),
     ``teacher`` (the teacher's clusters everywhere), ``agreement`` (green: same top-1 cluster, yellow: in
-    the top 5, red: miss) and ``confidence`` (the predictor's top probability on masked patches)."""
+    the top 5, red: miss) and ``confidence`` (the predictor's top probability on masked patches, black 0 to
+    white = the largest)."""
     masked = rec.mask
     hidden = mask_picture(enc, masked)
     sel = upscale(np.repeat(masked[..., None], 3, -1).astype(np.uint8) * 255, enc.shown.size).convert("L")
@@ -160,5 +161,7 @@ def reconstruction_pictures(enc: Encoded, rec: Reconstruction, colors: np.ndarra
         "predicted": on_masked(upscale(colors[np.where(masked, rec.predicted, 0)], enc.shown.size)),
         "teacher": cluster_map(enc, rec.teacher, colors, alpha=1.0),
         "agreement": on_masked(blend(enc.shown, agree, 0.7)),
-        "confidence": on_masked(upscale(colorize(rec.confidence, "magma", 0, 1), enc.shown.size)),
+        "confidence": on_masked(
+            upscale(colorize(rec.confidence, "magma", 0, float(rec.confidence.max())), enc.shown.size)
+        ),
     }
