@@ -31,14 +31,15 @@ def test_committed_without_outputs(path):
             assert cell.get("outputs") == [] and cell.get("execution_count") is None, f"{path.name} has outputs"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs_in_smoke_mode(path, monkeypatch):
+def _execute(path: Path, monkeypatch, first_cell: str | None = None):
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("CAPI_LAB_SMOKE", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = nbformat.read(path, as_version=4)
+    if first_cell:
+        nb.cells.insert(0, nbformat.v4.new_code_cell(first_cell))
     client = NotebookClient(
         nb,
         timeout=300,
@@ -50,5 +51,27 @@ def test_runs_in_smoke_mode(path, monkeypatch):
     client.execute(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_runs_in_smoke_mode(path, monkeypatch):
+    outputs = _execute(path, monkeypatch)
     assert any("smoke mode" in o.get("text", "") for o in outputs)
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)  # interactive figures
+
+
+@pytest.mark.parametrize("stem", ["03_prototypes", "04_training_dynamics"])
+def test_falls_back_without_default_model_or_fashion_mnist(stem, monkeypatch):
+    """With the default model's file and Fashion-MNIST both missing, the notebook prints a note and runs on
+    random weights / generated images instead of dying."""
+    missing = (
+        "import capi_lab.data, capi_lab.pretrained\n"
+        "from pathlib import Path\n"
+        "capi_lab.data.FASHION_MNIST_DIR = Path('/nonexistent/fashion-mnist')\n"
+        "capi_lab.pretrained.DEFAULT_MODEL = Path('/nonexistent/default.pt')"
+    )
+    outputs = _execute(ROOT / "notebooks" / f"{stem}.ipynb", monkeypatch, first_cell=missing)
+    text = "".join(o.get("text", "") for o in outputs)
+    expected = "randomly initialised" if stem.startswith("03") else "Fashion-MNIST is not installed"
+    assert "note:" in text and expected in text
