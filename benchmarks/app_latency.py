@@ -11,7 +11,6 @@ warm-up (each view's own median too; the PNG encoding Gradio does is included); 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import socket
 import statistics
@@ -26,13 +25,6 @@ import torch
 import capi_lab
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _app():
-    spec = importlib.util.spec_from_file_location("capi_app_main", ROOT / "app" / "main.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _png(result) -> None:
@@ -109,7 +101,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-vitl", action="store_true", help="skip the authors' ViT-L/14 architecture")
     args = p.parse_args()
-    app = _app()
+    sys.path.insert(0, str(ROOT))
+    from app import main as app
+
     print(json.dumps(time_views(app, capi_lab.load_pretrained("default"), "default", 224, args.repeats)), flush=True)
     if not args.no_vitl:
         vitl = capi_lab.create_model("vit_l14").eval()  # random weights: timing only

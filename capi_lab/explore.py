@@ -82,7 +82,7 @@ def _read_one(path: Path) -> tuple[Image.Image | None, list[str]]:
     if min(w0, h0) < MIN_SIDE:
         return None, [f"{name}: {w0}x{h0} px is too small (each side needs at least {MIN_SIDE} px)"]
     mode = img.mode
-    if mode not in ("RGB",):
+    if mode != "RGB":
         what = {
             "L": "greyscale",
             "LA": "greyscale with alpha",
@@ -159,7 +159,10 @@ class Encoded:
 
 @torch.inference_mode()
 def encode(model: CAPIModel, image: Image.Image, resolution: int) -> Encoded:
-    x, shown = prepare(image, resolution, model.patch_size)
+    return _encode_prepared(model, *prepare(image, resolution, model.patch_size))
+
+
+def _encode_prepared(model: CAPIModel, x: torch.Tensor, shown: Image.Image) -> Encoded:
     p = next(model.parameters())
     feats = model.patch_features(x.to(p.device, p.dtype))[0]
     h, w = x.shape[2] // model.patch_size, x.shape[3] // model.patch_size
@@ -270,7 +273,8 @@ def reconstruct(
         )
     if strategy not in MASK_STRATEGIES:
         raise InputError(f"unknown masking strategy {strategy!r}; choose one of {', '.join(MASK_STRATEGIES)}")
-    enc = encode(model, image, resolution)
+    x, shown = prepare(image, resolution, model.patch_size)
+    enc = _encode_prepared(model, x, shown)
     h, w = enc.grid
     try:
         cfg = MaskConfig(strategy=strategy, ratio=float(ratio), roll=bool(roll), prediction_subsampling=1.0)
@@ -278,7 +282,6 @@ def reconstruct(
     except ValueError as e:  # unknown strategy, or a ratio that leaves no visible / no masked patch
         raise InputError(str(e)) from None
     flat = mask.reshape(-1)
-    x, _ = prepare(image, resolution, model.patch_size)
     p = next(model.parameters())
     visible = torch.from_numpy(np.flatnonzero(~flat)).to(p.device)
     masked = torch.from_numpy(np.flatnonzero(flat)).to(p.device)

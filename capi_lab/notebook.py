@@ -85,8 +85,7 @@ def default_model():
         return capi_lab.load_pretrained("default")
     except CheckpointError as e:
         print(f"note: {e}\n      using a randomly initialised model of the same shape instead")
-        model = capi_lab.create_model("default").eval()
-        return model
+        return capi_lab.create_model("default").eval()
 
 
 def labeled_images(n: int, split: str = "train", seed: int = 0):

@@ -8,7 +8,6 @@ Starts the app on the default model on a free port, uploads three example photos
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -20,19 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main(out_dir: Path = ROOT / "docs" / "img", width: int = 720) -> None:
     import capi_lab
 
-    app = _load("capi_app_main", ROOT / "app" / "main.py")
-    browser = _load("capi_app_browser", ROOT / "app" / "browser_check.py")
+    sys.path.insert(0, str(ROOT))
+    from app import browser_check as browser
+    from app import main as app
+
     demo = app.build_demo(capi_lab.load_pretrained("default"), "default")
     demo.queue().launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs(port=None))
     try:

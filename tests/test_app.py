@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,22 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import app.main as app
 import capi_lab
+from app import browser_check
 from capi_lab import explore as ex
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-app = _load("capi_app_main", ROOT / "app" / "main.py")
 PHOTOS = [str(p) for p in app.EXAMPLES]
 
 
@@ -275,7 +267,6 @@ def test_eight_concurrent_api_clients(served):
 def test_real_browser(served, tmp_path):
     """Headless Chromium: upload photos, run each view, wait for its images, click a patch, see a bad file's
     message, and nothing is fetched from the internet. Skips only off CI when Chromium is absent."""
-    browser_check = _load("capi_app_browser", ROOT / "app" / "browser_check.py")
     if browser_check.chromium_path() is None:
         if os.environ.get("CI") or os.environ.get("CAPI_LAB_REQUIRE_BROWSER"):
             pytest.fail("Chromium is missing: `apt-get install chromium` (the CI set-up does this)")

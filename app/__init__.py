@@ -1,0 +1,1 @@
+"""The capi_lab Gradio app (``python app/main.py``) and its browser driver; importable from the repository root."""
