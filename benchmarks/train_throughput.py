@@ -50,12 +50,23 @@ def main() -> None:
     p.add_argument("--profile", default=None, help="write a table of the top kernels of 3 profiled steps here")
     p.add_argument(
         "--sinkhorn",
-        default="single-pass",
-        choices=["single-pass", "max-every-step"],
-        help="ablation: 'max-every-step' stabilises every compiled Sinkhorn half-iteration with a max (two passes "
-        "over the logits each) instead of the library's previous-scaling stabiliser",
+        default="fused",
+        choices=["fused", "single-pass", "max-every-step"],
+        help="'fused': the library default on CUDA (Triton kernels, capi_lab.fused_clustering); ablations: "
+        "'single-pass' is the compiled PyTorch form (capi_lab.sinkhorn), 'max-every-step' that form with a "
+        "max-stabilised log-sum-exp in every half-iteration (two passes over the logits each)",
+    )
+    p.add_argument(
+        "--kernel-blocks", default=None, help="JSON file of fused_clustering.BLOCKS (from sinkhorn_kernels.py)"
     )
     args = p.parse_args()
+    import capi_lab.fused_clustering as fc
+
+    if args.sinkhorn != "fused":
+        fc.ENABLED = False
+    if args.kernel_blocks:
+        with open(args.kernel_blocks) as f:
+            fc.BLOCKS.update(json.load(f))
     if args.sinkhorn == "max-every-step":
         import capi_lab.sinkhorn as sk
 
@@ -104,6 +115,13 @@ def main() -> None:
         sync()
         times.append(time.perf_counter() - t0)
     loss = float(out["capi_loss"])
+    # the same steps back to back with one synchronisation at the end, as the trainer runs them (it never
+    # waits for the GPU between steps): shows how much of the per-step time is host-side gap
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        train_step(tr, images, masks[i % 4])
+    sync()
+    back_to_back = (time.perf_counter() - t0) / args.steps
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -122,13 +140,15 @@ def main() -> None:
         "batch_size": b,
         "image_size": cfg.image_size,
         "compile": args.compile,
-        "sinkhorn": args.sinkhorn,
+        "sinkhorn": args.sinkhorn if device == "cuda" or args.sinkhorn != "fused" else "single-pass (no CUDA)",
+        "kernel_blocks": fc.BLOCKS if args.sinkhorn == "fused" and device == "cuda" else None,
         "precision": precision,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "images_per_s": round(b / med, 1),
         "step_ms_median": round(med * 1e3, 2),
         "step_ms_p10": round(q[0] * 1e3, 2),
         "step_ms_p90": round(q[-1] * 1e3, 2),
+        "images_per_s_back_to_back": round(b / back_to_back, 1),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
         "tflop_per_step": round(flops / 1e12, 3),
         "achieved_tflops": round(flops / med / 1e12, 1),

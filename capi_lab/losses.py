@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from capi_lab import fused_clustering
 from capi_lab.masking import MaskBatch
 from capi_lab.model.capi import CAPIBackbone
 from capi_lab.model.heads import ClusteringHead, StudentHead
@@ -49,15 +50,38 @@ def teacher_step(
     student_temp: float = 0.12,
     sinkhorn_iters: int = 3,
     positionwise: bool = True,
+    fused: bool | None = None,
 ) -> TeacherOutput:
     """Teacher forward on the full images, clustering logits, Sinkhorn targets and clustering loss.
 
     Everything derived from the ``[b, n, K]`` assignments is reduced here (loss, entropy, argmax, rows at
-    ``predict_indices``), so a compiled step never has to write the full assignment tensor out.
+    ``predict_indices``), so a compiled step never has to write the full assignment tensor out. With
+    ``fused`` (default: on CUDA when Triton is there, see :mod:`capi_lab.fused_clustering`) that is done by
+    Triton kernels that read the logits once per Sinkhorn half-iteration.
     """
     with torch.no_grad():
         feats = teacher.encode(images).tokens[:, teacher.num_registers :]  # (b, n, D), enc_norm applied
     logits = clustering_head(feats.detach())  # (b, n, K)
+    return clustering_outputs(logits, predict_indices, target_temp, student_temp, sinkhorn_iters, positionwise, fused)
+
+
+def clustering_outputs(
+    logits: Float[Tensor, "b n k"],
+    predict_indices: Int[Tensor, " n_pred_total"] | None = None,
+    target_temp: float = 0.06,
+    student_temp: float = 0.12,
+    sinkhorn_iters: int = 3,
+    positionwise: bool = True,
+    fused: bool | None = None,
+) -> TeacherOutput:
+    """Everything :func:`teacher_step` takes from the clustering logits: Sinkhorn targets (rows at
+    ``predict_indices``), clustering loss (gradient into ``logits`` only), argmax and entropy."""
+    if fused_clustering.available(logits) if fused is None else fused:
+        return TeacherOutput(
+            *fused_clustering.teacher_outputs(
+                logits, predict_indices, target_temp, student_temp, sinkhorn_iters, positionwise
+            )
+        )
     with torch.no_grad():
         q = teacher_targets(logits.detach(), target_temp, sinkhorn_iters, positionwise)
         entropy = -torch.special.xlogy(q, q).sum(-1).mean()

@@ -6,13 +6,19 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():
+    # capi_lab.fused_clustering's Triton kernels run through Triton's interpreter on the CPU; the switch is
+    # read when triton is imported, so it is set before anything imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from jaxtyping import install_import_hook  # noqa: E402
 
 # Installed before anything imports capi_lab, and never uninstalled: modules imported later are hooked too.
 _hook = install_import_hook("capi_lab", "beartype.beartype")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
