@@ -27,6 +27,7 @@ kernels as one opaque node. Set ``CAPI_LAB_FUSED_SINKHORN=0`` to use the compile
 """
 
 import functools
+import inspect
 import os
 
 import torch
@@ -40,11 +41,16 @@ except ImportError:  # CPU-only installs: the PyTorch path in capi_lab.sinkhorn 
     triton = None
 
 if triton is not None:
+    # Masked-out lanes (past K, past the last image) are loaded as the very negative NEG instead of being
+    # masked with -inf after the load: their exp is exactly 0 and no inf - inf or 0 * inf can arise, so no
+    # lane needs a select. NEG is -1e30 for bf16 / fp32 logits, -6e4 for fp16 (its largest finite value).
 
     def _col_lse(x_ptr, lv_ptr, m_ptr, s_ptr, B, N, K: tl.constexpr, rows_per_split: tl.constexpr, scale,
-                 HAS_LV: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                 HAS_LV: tl.constexpr, FINISH: tl.constexpr, NEG: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
         """Per (split of the images, position n, block of prototypes): running max ``m`` and sum ``s`` with
-        ``logsumexp_b(x[b, n, k] * scale + lv[b, n]) = m + log(s)`` over this split's images."""
+        ``logsumexp_b(x[b, n, k] * scale + lv[b, n]) = m + log(s)`` over this split's images. ``FINISH``
+        (one split, one rank): write the column step's result ``-(m + log s)`` to ``m_ptr`` directly."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         nkb = tl.cdiv(K, BLOCK_K)
@@ -58,21 +64,24 @@ if triton is not None:
             bmask = offs_b < B
             rows = (offs_b * N + n).to(tl.int64)
             mask = bmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32) * scale
+            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=NEG).to(tl.float32) * scale
             if HAS_LV:
                 x += tl.load(lv_ptr + rows, mask=bmask, other=0.0)[:, None]
-            x = tl.where(mask, x, float("-inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes past K stay empty
-            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[None, :]), axis=0)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
             m = m_new
         out = (split * N + n) * K + offs_k
-        tl.store(m_ptr + out, m, mask=kmask)
-        tl.store(s_ptr + out, s, mask=kmask)
+        if FINISH:
+            tl.store(m_ptr + out, -(m + tl.log(s)), mask=kmask)
+        else:
+            tl.store(m_ptr + out, m, mask=kmask)
+            tl.store(s_ptr + out, s, mask=kmask)
 
-    def _row_lse(x_ptr, lu_ptr, lv_ptr, B, N, K: tl.constexpr, scale, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _row_lse(x_ptr, lu_ptr, lv_ptr, lse_ptr, B, N, K: tl.constexpr, scale, scale_s, WITH_LSE_S: tl.constexpr,
+                 NEG: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         """``lv[b, n] = -logsumexp_k(x[b, n, k] * scale + lu[n, k])`` for ``ROWS`` images at one position
-        (so each block of ``lu`` is read once for all of them)."""
+        (so each block of ``lu`` is read once for all of them); with ``WITH_LSE_S`` also
+        ``lse_s[b, n] = logsumexp_k(x[b, n, k] * scale_s)`` for the clustering loss."""
         pid = tl.program_id(0)
         nbb = tl.cdiv(B, ROWS)
         n = pid // nbb
@@ -81,27 +90,36 @@ if triton is not None:
         rows = (offs_b * N + n).to(tl.int64)
         m = tl.full([ROWS], float("-inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
+        m2 = tl.full([ROWS], float("-inf"), tl.float32)
+        s2 = tl.zeros([ROWS], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
             mask = bmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = x * scale + tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)[None, :]
-            x = tl.where(mask, x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
+            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=NEG).to(tl.float32)
+            z = x * scale + tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)[None, :]
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m = m_new
+            if WITH_LSE_S:
+                y = x * scale_s
+                m_new = tl.maximum(m2, tl.max(y, axis=1))
+                s2 = s2 * tl.exp(m2 - m_new) + tl.sum(tl.exp(y - m_new[:, None]), axis=1)
+                m2 = m_new
         tl.store(lv_ptr + rows, -(m + tl.log(s)), mask=bmask)
+        if WITH_LSE_S:
+            tl.store(lse_ptr + rows, m2 + tl.log(s2), mask=bmask)
 
     def _final(x_ptr, lu_ptr, dest_ptr, t_ptr, lv_ptr, lse_ptr, loss_ptr, ent_ptr, arg_ptr, B, N,
-               K: tl.constexpr, scale, scale_s, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+               K: tl.constexpr, scale, scale_s, NEG: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_K: tl.constexpr):  # fmt: skip
         """The last row step and everything taken from ``q = exp(z + lu + lv)``, for ``ROWS`` tokens, in one
         sweep over the logits: with ``e = exp(z + lu - m)`` under a running max ``m``,
 
-        * ``lv = -(m + log sum e)``, and ``lse_s = logsumexp(x * scale_s)`` (a second running sum);
+        * ``lv = -(m + log sum e)``;
         * entropy ``-sum q log q = -lv - sum(e * (z + lu)) / sum e``;
-        * loss ``sum q * (lse_s - x * scale_s) = lse_s - scale_s * sum(e * x) / sum e``;
+        * loss ``sum q * (lse_s - x * scale_s) = lse_s - scale_s * sum(e * x) / sum e`` (``lse_s`` from the
+          first row step);
         * argmax of ``z + lu``.
 
         Then, only for tiles holding a predicted token (``dest >= 0``), ``q`` is written to ``t[dest]``.
@@ -112,45 +130,32 @@ if triton is not None:
         offs_b = (pid % nbb) * ROWS + tl.arange(0, ROWS)
         bmask = offs_b < B
         rows = (offs_b * N + n).to(tl.int64)
-        m1 = tl.full([ROWS], float("-inf"), tl.float32)
-        s1 = tl.zeros([ROWS], tl.float32)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS], tl.float32)
         wz = tl.zeros([ROWS], tl.float32)
         wx = tl.zeros([ROWS], tl.float32)
-        m2 = tl.full([ROWS], float("-inf"), tl.float32)
-        s2 = tl.zeros([ROWS], tl.float32)
-        best = tl.full([ROWS], float("-inf"), tl.float32)
         best_k = tl.zeros([ROWS], tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
             mask = bmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=NEG).to(tl.float32)
             z = x * scale + tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)[None, :]
-            z = tl.where(mask, z, float("-inf"))
             tile_best = tl.max(z, axis=1)
             tile_k = tl.argmax(z, axis=1).to(tl.int32) + k0
-            better = tile_best > best
-            best_k = tl.where(better, tile_k, best_k)
-            best = tl.where(better, tile_best, best)
-            m_new = tl.maximum(m1, tile_best)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m1 - m_ref)
-            e = tl.exp(z - m_ref[:, None])  # 0 in masked lanes
-            s1 = s1 * alpha + tl.sum(e, axis=1)
-            wz = wz * alpha + tl.sum(tl.where(mask, e * z, 0.0), axis=1)
+            best_k = tl.where(tile_best > m, tile_k, best_k)
+            m_new = tl.maximum(m, tile_best)
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])  # 0 in masked lanes
+            s = s * alpha + tl.sum(e, axis=1)
+            wz = wz * alpha + tl.sum(e * z, axis=1)
             wx = wx * alpha + tl.sum(e * x, axis=1)
-            m1 = m_new
-            y = tl.where(mask, x * scale_s, float("-inf"))
-            m_new = tl.maximum(m2, tl.max(y, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s2 = s2 * tl.exp(m2 - m_ref) + tl.sum(tl.exp(y - m_ref[:, None]), axis=1)
-            m2 = m_new
-        lv = -(m1 + tl.log(s1))
-        lse_s = m2 + tl.log(s2)
+            m = m_new
+        lv = -(m + tl.log(s))
+        lse_s = tl.load(lse_ptr + rows, mask=bmask, other=0.0)
         tl.store(lv_ptr + rows, lv, mask=bmask)
-        tl.store(lse_ptr + rows, lse_s, mask=bmask)
-        tl.store(loss_ptr + rows, lse_s - scale_s * wx / s1, mask=bmask)
-        tl.store(ent_ptr + rows, -lv - wz / s1, mask=bmask)
+        tl.store(loss_ptr + rows, lse_s - scale_s * wx / s, mask=bmask)
+        tl.store(ent_ptr + rows, -lv - wz / s, mask=bmask)
         tl.store(arg_ptr + rows, best_k, mask=bmask)
         dest = tl.load(dest_ptr + rows, mask=bmask, other=-1).to(tl.int64)
         keep = bmask & (dest >= 0)
@@ -187,7 +192,9 @@ if triton is not None:
 
 @functools.cache
 def _jit(name: str):
-    return triton.jit(globals()[name])
+    # unwrap: under the test suite's jaxtyping/beartype import hook the module's functions are wrappers, and
+    # Triton compiles a function's own source against its own globals
+    return triton.jit(inspect.unwrap(globals()[name]))
 
 
 def _kernel(name: str, x: Tensor):
@@ -216,10 +223,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-BLOCKS = {"col": {"BLOCK_B": 8, "BLOCK_K": 256, "num_warps": 4}, "row": {"ROWS": 4, "BLOCK_K": 1024, "num_warps": 4}}
+BLOCKS = {"col": {"BLOCK_B": 8, "BLOCK_K": 1024, "num_warps": 4}, "row": {"ROWS": 4, "BLOCK_K": 256, "num_warps": 4}}
 """Tile sizes: the column kernel streams ``BLOCK_B`` images x ``BLOCK_K`` prototypes at a time, the row
 kernels (row step, final, backward) ``ROWS`` tokens x ``BLOCK_K`` prototypes
 (``benchmarks/sinkhorn_kernels.py`` times alternatives)."""
+
+
+def _neg(x: Tensor) -> float:
+    return -6.0e4 if x.dtype == torch.float16 else -1.0e30
 
 
 def _col_step(x: Tensor, lv: Tensor | None, scale: float) -> Tensor:
@@ -231,10 +242,15 @@ def _col_step(x: Tensor, lv: Tensor | None, scale: float) -> Tensor:
     split = max(1, min(triton.cdiv(B, 4 * bb), triton.cdiv(2048, N * nkb)))
     per = triton.cdiv(triton.cdiv(B, split), bb) * bb
     split = triton.cdiv(B, per)
+    finish = split == 1 and not _distributed()  # the kernel can write log_u itself
     m = x.new_empty((split, N, K), dtype=torch.float32)
-    s = torch.empty_like(m)
+    s = m if finish else torch.empty_like(m)
     lv_arg = lv if lv is not None else m  # unused when HAS_LV is False
-    _kernel("_col_lse", x)[(N * nkb, split)](x, lv_arg, m, s, B, N, K, per, scale, HAS_LV=lv is not None, **cfg)
+    _kernel("_col_lse", x)[(N * nkb, split)](
+        x, lv_arg, m, s, B, N, K, per, scale, HAS_LV=lv is not None, FINISH=finish, NEG=_neg(x), **cfg
+    )
+    if finish:
+        return m[0]
     top = m.amax(0)
     if _distributed():
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
@@ -248,10 +264,14 @@ def _rows_grid(B: int, N: int) -> tuple[int]:
     return (N * triton.cdiv(B, BLOCKS["row"]["ROWS"]),)
 
 
-def _row_step(x: Tensor, lu: Tensor, scale: float) -> Tensor:
+def _row_step(x: Tensor, lu: Tensor, scale: float, lse_s: Tensor | None = None, scale_s: float = 1.0) -> Tensor:
+    """``log_v[b, n] = -logsumexp_k(x[b, n, k] * scale + lu[n, k])``; also fills ``lse_s`` when given."""
     B, N, K = x.shape
     lv = x.new_empty((B, N), dtype=torch.float32)
-    _kernel("_row_lse", x)[_rows_grid(B, N)](x, lu, lv, B, N, K, scale, **BLOCKS["row"])
+    _kernel("_row_lse", x)[_rows_grid(B, N)](
+        x, lu, lv, lv if lse_s is None else lse_s, B, N, K, scale, scale_s, WITH_LSE_S=lse_s is not None,
+        NEG=_neg(x), **BLOCKS["row"],
+    )  # fmt: skip
     return lv
 
 
@@ -274,18 +294,21 @@ def _teacher_op(
     b, n, k = logits.shape
     x = _as_tokens(logits, positionwise)
     B, N, K = x.shape
-    scale = 1.0 / target_temp
+    scale, scale_s = 1.0 / target_temp, 1.0 / student_temp
+    lse_s = x.new_empty((B, N), dtype=torch.float32)  # logsumexp(logits / student_temp), by the first row step
     lv = None
     for it in range(n_iter):
         lu = _col_step(x, lv, scale)
         if it < n_iter - 1:
-            lv = _row_step(x, lu, scale)
-    targets = x.new_zeros((n_out, K), dtype=torch.float32)
+            lv = _row_step(x, lu, scale, lse_s if it == 0 else None, scale_s)
+    if n_iter == 1:  # no row step before the final one
+        _row_step(x, lu, scale, lse_s, scale_s)
+    targets = x.new_empty((n_out, K), dtype=torch.float32)  # every row is written: dest maps onto 0..n_out-1
     lv = x.new_empty((B, N), dtype=torch.float32)
-    lse_s, loss, ent = torch.empty_like(lv), torch.empty_like(lv), torch.empty_like(lv)
+    loss, ent = torch.empty_like(lv), torch.empty_like(lv)
     arg = x.new_empty((B, N), dtype=torch.int32)
     _kernel("_final", x)[_rows_grid(B, N)](
-        x, lu, dest, targets, lv, lse_s, loss, ent, arg, B, N, K, scale, 1.0 / student_temp, **BLOCKS["row"]
+        x, lu, dest, targets, lv, lse_s, loss, ent, arg, B, N, K, scale, scale_s, NEG=_neg(x), **BLOCKS["row"]
     )
     return targets, loss.mean(), ent.mean(), arg.view(b, n).long(), lu, lv, lse_s
 
