@@ -83,7 +83,10 @@ def test_fused_sinkhorn_matches_pytorch_at_scale():
     assert torch.allclose(got.targets, ref.targets, atol=1e-5)
     assert got.clustering_loss.item() == pytest.approx(ref.clustering_loss.item(), rel=1e-4)
     assert got.target_entropy.item() == pytest.approx(ref.target_entropy.item(), rel=1e-3, abs=1e-3)
-    assert (got.assignments == ref.assignments).float().mean() > 0.99
+    # argmax: with far fewer images than prototypes, Sinkhorn leaves exact fp32 ties at the top of most rows
+    # (a prototype's whole column goes to one image), so check the value at the chosen prototype, not its index
+    chosen = ref.targets.flatten(0, 1).gather(-1, got.assignments.flatten()[idx][:, None])[:, 0]
+    assert torch.allclose(chosen, ref.targets.flatten(0, 1).amax(-1), rtol=1e-5, atol=1e-8)
     assert torch.allclose(grads[1], grads[0], atol=1e-2 * grads[0].abs().max().item())  # bf16 gradients
 
 
