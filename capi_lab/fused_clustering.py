@@ -45,6 +45,29 @@ if triton is not None:
     # masked with -inf after the load: their exp is exactly 0 and no inf - inf or 0 * inf can arise, so no
     # lane needs a select. NEG is -1e30 for bf16 / fp32 logits, -6e4 for fp16 (its largest finite value).
 
+    def _program_tokens(B, N, ROWS: tl.constexpr):
+        """The tokens a row-kernel program handles: ``ROWS`` images at one position ``n``. Returns ``n``, which
+        of the images exist, and the tokens' flat row indices into ``[B * N, K]``."""
+        pid = tl.program_id(0)
+        nbb = tl.cdiv(B, ROWS)
+        n = pid // nbb
+        offs_b = (pid % nbb) * ROWS + tl.arange(0, ROWS)
+        return n, offs_b < B, (offs_b * N + n).to(tl.int64)
+
+    def _tile(x_ptr, lu_ptr, rows, rmask, n, k0, K: tl.constexpr, other: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Prototypes ``k0 .. k0 + BLOCK_K`` of the given token rows (fp32; ``other`` where ``rmask`` is off or
+        past ``K``) and of ``lu[n]``; also the prototype indices and which of them exist."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        mask = rmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=other).to(tl.float32)
+        lu = tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)
+        return offs_k, kmask, x, lu
+
+    # the row kernels call these, so they are Triton functions themselves (unwrapped: see _jit)
+    _program_tokens = triton.jit(inspect.unwrap(_program_tokens))
+    _tile = triton.jit(inspect.unwrap(_tile))
+
     def _col_lse(x_ptr, lv_ptr, m_ptr, s_ptr, B, N, K: tl.constexpr, rows_per_split: tl.constexpr, scale,
                  HAS_LV: tl.constexpr, FINISH: tl.constexpr, NEG: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
@@ -82,22 +105,14 @@ if triton is not None:
         """``lv[b, n] = -logsumexp_k(x[b, n, k] * scale + lu[n, k])`` for ``ROWS`` images at one position
         (so each block of ``lu`` is read once for all of them); with ``WITH_LSE_S`` also
         ``lse_s[b, n] = logsumexp_k(x[b, n, k] * scale_s)`` for the clustering loss."""
-        pid = tl.program_id(0)
-        nbb = tl.cdiv(B, ROWS)
-        n = pid // nbb
-        offs_b = (pid % nbb) * ROWS + tl.arange(0, ROWS)
-        bmask = offs_b < B
-        rows = (offs_b * N + n).to(tl.int64)
+        n, bmask, rows = _program_tokens(B, N, ROWS)
         m = tl.full([ROWS], float("-inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
         m2 = tl.full([ROWS], float("-inf"), tl.float32)
         s2 = tl.zeros([ROWS], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            mask = bmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=NEG).to(tl.float32)
-            z = x * scale + tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)[None, :]
+            _, _, x, lu = _tile(x_ptr, lu_ptr, rows, bmask, n, k0, K, NEG, BLOCK_K)
+            z = x * scale + lu[None, :]
             m_new = tl.maximum(m, tl.max(z, axis=1))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m = m_new
@@ -124,23 +139,15 @@ if triton is not None:
 
         Then, only for tiles holding a predicted token (``dest >= 0``), ``q`` is written to ``t[dest]``.
         """
-        pid = tl.program_id(0)
-        nbb = tl.cdiv(B, ROWS)
-        n = pid // nbb
-        offs_b = (pid % nbb) * ROWS + tl.arange(0, ROWS)
-        bmask = offs_b < B
-        rows = (offs_b * N + n).to(tl.int64)
+        n, bmask, rows = _program_tokens(B, N, ROWS)
         m = tl.full([ROWS], float("-inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
         wz = tl.zeros([ROWS], tl.float32)
         wx = tl.zeros([ROWS], tl.float32)
         best_k = tl.zeros([ROWS], tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            mask = bmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=NEG).to(tl.float32)
-            z = x * scale + tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)[None, :]
+            _, _, x, lu = _tile(x_ptr, lu_ptr, rows, bmask, n, k0, K, NEG, BLOCK_K)
+            z = x * scale + lu[None, :]
             tile_best = tl.max(z, axis=1)
             tile_k = tl.argmax(z, axis=1).to(tl.int32) + k0
             best_k = tl.where(tile_best > m, tile_k, best_k)
@@ -161,32 +168,22 @@ if triton is not None:
         keep = bmask & (dest >= 0)
         if tl.max(keep.to(tl.int32), axis=0) > 0:  # ~3 % of tokens are predicted: most tiles skip this
             for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                kmask = offs_k < K
+                offs_k, kmask, x, lu = _tile(x_ptr, lu_ptr, rows, keep, n, k0, K, 0.0, BLOCK_K)
+                t = x * scale + lu[None, :] + lv[:, None]
                 mask = keep[:, None] & kmask[None, :]
-                x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-                t = x * scale + tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)[None, :] + lv[:, None]
                 tl.store(t_ptr + dest[:, None] * K + offs_k[None, :], tl.exp(t), mask=mask)
 
     def _grad(x_ptr, lu_ptr, lv_ptr, lse_ptr, go_ptr, g_ptr, B, N, K: tl.constexpr, scale, scale_s, coef,
               ROWS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         """``g = go * coef * (softmax(x * scale_s) - q)``: the gradient of the mean clustering loss."""
-        pid = tl.program_id(0)
-        nbb = tl.cdiv(B, ROWS)
-        n = pid // nbb
-        offs_b = (pid % nbb) * ROWS + tl.arange(0, ROWS)
-        bmask = offs_b < B
-        rows = (offs_b * N + n).to(tl.int64)
+        n, bmask, rows = _program_tokens(B, N, ROWS)
         lv = tl.load(lv_ptr + rows, mask=bmask, other=0.0)
         lse_s = tl.load(lse_ptr + rows, mask=bmask, other=0.0)
         c = tl.load(go_ptr).to(tl.float32) * coef
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            mask = bmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            lu = tl.load(lu_ptr + n * K + offs_k, mask=kmask, other=0.0)
+            offs_k, kmask, x, lu = _tile(x_ptr, lu_ptr, rows, bmask, n, k0, K, 0.0, BLOCK_K)
             g = tl.exp(x * scale_s - lse_s[:, None]) - tl.exp(x * scale + lu[None, :] + lv[:, None])
+            mask = bmask[:, None] & kmask[None, :]
             tl.store(g_ptr + rows[:, None] * K + offs_k[None, :], (g * c).to(g_ptr.dtype.element_ty), mask=mask)
 
 

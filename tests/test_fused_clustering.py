@@ -162,3 +162,5 @@ def test_triton_gets_the_kernels_own_functions():
         fn = fc._jit(name).fn
         assert fn.__globals__ is vars(fc), name
         assert "tl" in fn.__globals__
+    for helper in (fc._program_tokens, fc._tile):  # the Triton functions the kernels call
+        assert helper.fn.__globals__ is vars(fc)
