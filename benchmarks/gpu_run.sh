@@ -4,11 +4,15 @@
 # Steps (default: all, in this order):
 #   sweep     fused Sinkhorn kernels alone: agreement at full scale, timings vs compiled PyTorch, tile sweep
 #   kernels   the same without the sweep and the PyTorch baseline (quick)
-#   b16       training step, ViT-B/16 batch 256, compiled (with a kernel profile)
-#   l14       training step, ViT-L/14 batch 128, compiled
 #   tests     the GPU tests and the fused-kernel tests on CUDA
+#   b16       training step, ViT-B/16 batch 256, compiled (kernel table, trace and its GPU-gap analysis)
+#   b16cg     the same with CUDA graphs (--cuda-graphs)
+#   l14       training step, ViT-L/14 batch 128, compiled
+#   l14cg     the same with CUDA graphs
 #   baseline  ViT-B/16 again with the compiled PyTorch Sinkhorn instead of the kernels (same machine)
 #   eager     both models without torch.compile
+# Files under $OUT (at most 8 come back): env_tests.txt, bench.jsonl, gaps.jsonl, kernels.jsonl, err.txt,
+# profile_b16.txt, trace_b16.json.gz, trace_b16cg.json.gz (and blocks.json after a sweep).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -16,23 +20,28 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/gpu.txt"
-python3 -c "import torch, lightning, timm, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/env_tests.txt"
+python3 -c "import torch, lightning, timm, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env_tests.txt"
 B=benchmarks/train_throughput.py
 BLOCKS=()
 bench() { local t=$1; shift
-  timeout "$t" python3 $B "$@" --steps 20 --warmup 4 2>"$OUT/bench_err.txt" | tee -a "$OUT/bench.jsonl" \
-    || { echo "FAILED: $*"; tail -5 "$OUT/bench_err.txt"; }; }
-kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>"$OUT/kernels_err.txt" \
-  | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/kernels_err.txt"; }
-for step in "${@:-sweep b16 l14 tests baseline eager}"; do for s in $step; do case $s in
+  timeout "$t" python3 $B "$@" --steps 20 --warmup 4 2>>"$OUT/err.txt" | tee -a "$OUT/bench.jsonl" \
+    || { echo "FAILED: $*"; tail -5 "$OUT/err.txt"; }; }
+gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
+kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
+  | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
+for step in "${@:-sweep tests b16 b16cg l14 l14cg baseline eager}"; do for s in $step; do case $s in
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
-  b16) bench 150 --preset vit_b16 --batch-size 256 --compile "${BLOCKS[@]}" --profile "$OUT/profile_b16.txt" ;;
+  tests) timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_fused_clustering.py \
+           -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/env_tests.txt" ;;
+  b16) bench 150 --preset vit_b16 --batch-size 256 --compile "${BLOCKS[@]}" --profile "$OUT/profile_b16.txt" \
+         --trace "$OUT/trace_b16.json.gz"; gaps "$OUT/trace_b16.json.gz" ;;
+  b16cg) bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs "${BLOCKS[@]}" \
+         --trace "$OUT/trace_b16cg.json.gz"; gaps "$OUT/trace_b16cg.json.gz" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;
-  tests) timeout 180 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_fused_clustering.py \
-           -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/gpu_tests.txt" ;;
+  l14cg) bench 190 --preset vit_l14 --batch-size 128 --compile --cuda-graphs "${BLOCKS[@]}" ;;
   baseline) bench 130 --preset vit_b16 --batch-size 256 --compile --sinkhorn single-pass ;;
   eager) bench 60 --preset vit_b16 --batch-size 256; bench 60 --preset vit_l14 --batch-size 128 ;;
   *) echo "unknown step: $s"; exit 2 ;;

@@ -42,12 +42,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile: replay the steps as CUDA graphs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "32-true"])
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--profile", default=None, help="write a table of the top kernels of 3 profiled steps here")
+    p.add_argument(
+        "--trace", default=None, help="write a Chrome trace of 3 steps here (.json.gz; open in Perfetto) to see gaps"
+    )
     p.add_argument(
         "--sinkhorn",
         default="fused",
@@ -95,7 +99,7 @@ def main() -> None:
     flops = counter.get_total_flops()
     if args.compile:
         del tr
-        tr = build_trainer(fabric, cfg, max_steps=10**6, compile=True)
+        tr = build_trainer(fabric, cfg, max_steps=10**6, compile=True, cuda_graphs=args.cuda_graphs)
 
     def sync() -> None:
         if device == "cuda":
@@ -122,7 +126,7 @@ def main() -> None:
         train_step(tr, images, masks[i % 4])
     sync()
     back_to_back = (time.perf_counter() - t0) / args.steps
-    if args.profile:
+    if args.profile or args.trace:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -130,9 +134,12 @@ def main() -> None:
             for i in range(3):
                 train_step(tr, images, masks[i % 4])
             sync()
-        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-        with open(args.profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90))
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
+        if args.profile:
+            key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            with open(args.profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90))
     med = statistics.median(times)
     q = statistics.quantiles(times, n=10)
     result = {
@@ -140,6 +147,7 @@ def main() -> None:
         "batch_size": b,
         "image_size": cfg.image_size,
         "compile": args.compile,
+        "cuda_graphs": tr.cuda_graphs,
         "sinkhorn": args.sinkhorn if device == "cuda" or args.sinkhorn != "fused" else "single-pass (no CUDA)",
         "kernel_blocks": fc.BLOCKS if args.sinkhorn == "fused" and device == "cuda" else None,
         "precision": precision,

@@ -68,6 +68,9 @@ class RunConfig:
     """'auto' is bf16-mixed on GPUs and 32-true on CPU."""
     compile: bool = False
     """torch.compile the teacher step and the student step."""
+    cuda_graphs: bool = False
+    """With --compile on a GPU: replay the compiled steps as CUDA graphs (torch.compile mode 'reduce-overhead'),
+    so the host launches a few graphs a step instead of every kernel. Costs extra GPU memory."""
     num_workers: int = -1
     """Data-loader workers per device; -1 picks min(8, cores / devices - 1)."""
     log_every: int = 10
@@ -116,6 +119,13 @@ def resolve_config(argv: list[str] | None = None) -> RunConfig:
         raise SystemExit(f"error: {e}") from None
     if run.max_steps < 1:
         raise SystemExit("error: --max-steps must be >= 1")
+    if run.cuda_graphs and not run.compile:
+        raise SystemExit("error: --cuda-graphs replays the compiled steps: add --compile")
+    if run.cuda_graphs and run.strategy == "fsdp":
+        raise SystemExit(
+            "error: --cuda-graphs does not work with --strategy fsdp (FSDP gathers the parameters into new "
+            "buffers every step); use --strategy ddp or drop --cuda-graphs"
+        )
     grid = run.capi.image_size // run.capi.model.patch_size
     try:
         mask_counts(grid * grid, run.capi.mask)
@@ -156,7 +166,7 @@ class StudentStep(nn.Module):
         self.backbone, self.head, self.student_temp = student.backbone, student.head, student_temp
 
     def forward(self, images: Tensor, visible: Tensor, predict: Tensor, targets: Tensor) -> Tensor:
-        masks = MaskBatch(torch.empty(0, dtype=torch.bool), visible, predict)
+        masks = MaskBatch(visible.new_empty(0, dtype=torch.bool), visible, predict)  # no CPU tensor in the graph
         return student_step(self.backbone, self.head, images, masks, targets, self.student_temp)
 
 
@@ -180,13 +190,27 @@ class Trainer:
     step: int = 0
     ema_pairs: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
     """(teacher, student) parameters of the backbones and student heads, in matching order."""
+    cuda_graphs: bool = False
+    """The compiled steps are replayed as CUDA graphs: each step starts a new graph generation, and outputs
+    that outlive the step are copied out of the graphs' memory pool."""
 
     def __post_init__(self) -> None:
         self.ema_pairs = (_params(self.teacher), _params(self.student))
 
 
-def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool = False, seed: int = 0) -> Trainer:
-    """Models, step modules, optimizers and schedules, set up by Fabric."""
+def build_trainer(
+    fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool = False, seed: int = 0, cuda_graphs: bool = False
+) -> Trainer:
+    """Models, step modules, optimizers and schedules, set up by Fabric. ``cuda_graphs`` (with ``compile``,
+    on CUDA) compiles the steps in mode 'reduce-overhead'; elsewhere it is ignored with a warning."""
+    if cuda_graphs and not (compile and fabric.device.type == "cuda"):
+        log.warning("CUDA graphs need --compile and a CUDA device; running without them")
+        cuda_graphs = False
+    if cuda_graphs and fabric.world_size > 1:
+        raise ConfigError(
+            f"--cuda-graphs is for one process on one GPU (this run has {fabric.world_size}): the gradient and "
+            "Sinkhorn all-reduces would be captured into the graphs, which is untested. Drop --cuda-graphs"
+        )
     with fabric.init_module(empty_init=False):
         torch.manual_seed(seed)
         student = CAPIModel(cfg.model, student_head=True, clustering_head=False)
@@ -199,8 +223,9 @@ def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool
     o = cfg.optim
     s_raw, t_raw = StudentStep(student, o.student_temp), TeacherStep(teacher, o)
     fsdp = _is_fsdp(fabric)
-    s_step = fabric.setup_module(torch.compile(s_raw) if compile else s_raw)
-    t_step = fabric.setup_module(torch.compile(t_raw) if compile else t_raw)
+    mode = "reduce-overhead" if cuda_graphs else None
+    s_step = fabric.setup_module(torch.compile(s_raw, mode=mode) if compile else s_raw)
+    t_step = fabric.setup_module(torch.compile(t_raw, mode=mode) if compile else t_raw)
     # optimizers are built after set-up: FSDP replaces the parameters by sharded ones
     groups = param_groups({"backbone": student.backbone, "head": student.head}, o.patch_embed_lr_mult, o.norm_wd_mult)
     fused = fabric.device.type == "cuda" and not fsdp
@@ -219,8 +244,9 @@ def build_trainer(fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool
         fabric.to_device(teacher)
     schedules = Schedules(max_steps, o.lr, o.momentum_peak, o.warmup_fraction, o.truncate, o.clustering_lr_ratio)
     return Trainer(
-        fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules, s_raw, t_raw
-    )
+        fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules, s_raw, t_raw,
+        cuda_graphs=cuda_graphs,
+    )  # fmt: skip
 
 
 def _is_fsdp(fabric: Fabric) -> bool:
@@ -247,6 +273,8 @@ def shard_blocks(module: nn.Module, mesh: Any) -> nn.Module:
 def train_step(tr: Trainer, images: Tensor, masks: MaskBatch) -> dict[str, Tensor]:
     """One CAPI step in the paper's order; returns detached device tensors (no host sync)."""
     fabric, o, step = tr.fabric, tr.cfg.optim, tr.step
+    if tr.cuda_graphs:  # the previous step's graph outputs may be overwritten from here on
+        torch.compiler.cudagraph_mark_step_begin()
     set_hparams(tr.optimizer, tr.schedules.lr_at(step), o.weight_decay)
     set_hparams(tr.clustering_optimizer, tr.schedules.clustering_lr_at(step), o.clustering_weight_decay)
     # (1) teacher on the full images -> targets, clustering loss -> backward into the clustering head
@@ -268,12 +296,10 @@ def train_step(tr: Trainer, images: Tensor, masks: MaskBatch) -> dict[str, Tenso
     tr.step += 1
     used = torch.zeros(targets.shape[-1], dtype=torch.bool, device=targets.device)
     used[assignments.flatten()] = True
-    return {
-        "capi_loss": capi_loss.detach(),
-        "clustering_loss": clustering_loss.detach(),
-        "target_entropy": entropy,
-        "used": used,
-    }
+    out = {"capi_loss": capi_loss.detach(), "clustering_loss": clustering_loss.detach(), "target_entropy": entropy}
+    if tr.cuda_graphs:  # these live in the graphs' pool, which the next step's replay overwrites
+        out = {k: v.clone() for k, v in out.items()}
+    return {**out, "used": used}
 
 
 def _params(model: CAPIModel) -> list[Tensor]:
@@ -425,7 +451,7 @@ class NaNLossError(RuntimeError):
 def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
     out_dir = Path(run.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed)
+    tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed, run.cuda_graphs)
     last = ckpt_dir / "last.ckpt"
     if last.exists():
         load_checkpoint(tr, last)
@@ -578,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     fabric.barrier()
     try:
         fit(fabric, run, source)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     except NaNLossError as e:
         fabric.print(f"error: {e}", file=sys.stderr)
         return 2

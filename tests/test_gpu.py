@@ -15,14 +15,14 @@ SMALL = {"model.embed_dim": 128, "model.num_heads": 2, "model.depth": 2, "model.
          "model.num_prototypes": 256, "batch_size": 16}  # fmt: skip
 
 
-def _trainer(compile=False):
+def _trainer(compile=False, cuda_graphs=False, **overrides):
     from lightning.fabric import Fabric
 
     from capi_lab.train import build_trainer
 
-    cfg = with_overrides(get_preset("vit_b16"), image_size=64, **SMALL)
+    cfg = with_overrides(get_preset("vit_b16"), image_size=64, **{**SMALL, **overrides})
     fabric = Fabric(accelerator="cuda", devices=1, precision="bf16-mixed")
-    tr = build_trainer(fabric, cfg, max_steps=100, compile=compile)
+    tr = build_trainer(fabric, cfg, max_steps=100, compile=compile, cuda_graphs=cuda_graphs)
     x = torch.randn(16, 3, 64, 64, device="cuda")
     m = MaskBatch(*(t.cuda() for t in sample_masks(16, 4, 4, cfg.mask.__class__(prediction_subsampling=0.5), 0)))
     return tr, x, m
@@ -46,6 +46,47 @@ def test_compiled_cuda_step_matches_eager(no_shape_checks):
         tr, x, m = _trainer(compile=compiled)
         out[compiled] = [float(train_step(tr, x, m)["capi_loss"]) for _ in range(3)]
     assert out[True] == pytest.approx(out[False], rel=2e-2)
+
+
+def _graph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def test_cuda_graph_steps_match_compiled_steps(no_shape_checks):
+    """--cuda-graphs: the same losses as the compiled steps, read only after all steps ran (the outputs must
+    outlive the next replay), and inductor did not quietly decline to build the graphs."""
+    from capi_lab.train import train_step
+
+    losses = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        skips = _graph_skips()
+        torch.manual_seed(0)
+        tr, x, m = _trainer(compile=True, cuda_graphs=graphs, **{"model.drop_path_rate": 0.0})
+        outs = [train_step(tr, x, m) for _ in range(6)]  # warm-up run, recording, then replays
+        losses[graphs] = [float(o["capi_loss"]) for o in outs]
+        assert tr.cuda_graphs == graphs
+        assert _graph_skips() == skips
+    assert losses[True] == pytest.approx(losses[False], rel=5e-3)
+
+
+def test_cuda_graph_replays_redraw_stochastic_depth(no_shape_checks):
+    """Stochastic depth draws a permutation in every residual branch; each replay must draw anew. With lr 0
+    nothing changes between steps (same images, masks, weights; the teacher has no stochastic depth), so the
+    loss can only change if the dropped samples do. Without stochastic depth it must not change at all."""
+    from capi_lab.train import train_step
+
+    for drop in (0.5, 0.0):
+        torch._dynamo.reset()
+        skips = _graph_skips()
+        torch.manual_seed(0)
+        tr, x, m = _trainer(compile=True, cuda_graphs=True, **{"model.drop_path_rate": drop, "optim.lr": 0.0})
+        losses = [float(train_step(tr, x, m)["capi_loss"]) for _ in range(8)]
+        assert _graph_skips() == skips and all(np.isfinite(losses))
+        replayed = set(losses[3:])
+        assert len(replayed) >= 4 if drop else len(replayed) == 1, (drop, losses)
 
 
 def test_cuda_fp32_matches_cpu_and_bf16_is_close():

@@ -252,6 +252,30 @@ def test_list_file_and_cli_overrides(images, tmp_path):
         resolve_config(["--image-size", "30"])
 
 
+def test_cuda_graphs_flag_is_checked_and_falls_back_off_gpu(images, tmp_path, caplog):
+    """--cuda-graphs needs --compile, refuses FSDP and several processes with the fix named, and on a CPU
+    trains as usual after one warning (inductor builds CUDA graphs only for CUDA tensors)."""
+    with pytest.raises(SystemExit, match="add --compile"):
+        resolve_config(["--cuda-graphs"])
+    with pytest.raises(SystemExit, match="fsdp.*drop --cuda-graphs"):
+        resolve_config(["--cuda-graphs", "--compile", "--strategy", "fsdp"])
+    assert resolve_config(["--cuda-graphs", "--compile"]).cuda_graphs
+
+    class TwoGPUs(train.Fabric):  # all that build_trainer looks at before refusing
+        device, world_size = torch.device("cuda"), 2
+
+        def __init__(self):
+            pass
+
+    with pytest.raises(ValueError, match="one process on one GPU.*has 2"):
+        train.build_trainer(TwoGPUs(), capi_lab.config.get_preset("tiny"), 10, compile=True, cuda_graphs=True)
+    caplog.set_level("WARNING", logger="capi_lab.train")
+    tr = train.build_trainer(
+        train.Fabric(accelerator="cpu", devices=1), capi_lab.config.get_preset("tiny"), 10, cuda_graphs=True
+    )
+    assert not tr.cuda_graphs and "running without them" in caplog.text
+
+
 def _two_process(images, out, strategy, steps):
     cmd = [sys.executable, "-m", "capi_lab.train", *TINY, "--data", str(images), "--output-dir", str(out),
            "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "2", "--accelerator", "cpu",

@@ -1,0 +1,57 @@
+"""The benchmark helpers that run on the CPU: the GPU-gap analysis of a profiler trace."""
+
+import gzip
+import json
+
+import pytest
+
+from benchmarks.trace_gaps import gpu_gaps, load_events
+
+
+def _x(cat, name, ts, dur, tid=1, corr=None):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 0,
+            "args": {} if corr is None else {"correlation": corr}}  # fmt: skip
+
+
+def _trace():
+    return [
+        # host: a step annotation holding two operators; launches inside them
+        _x("user_annotation", "step", 0, 200),
+        _x("cpu_op", "aten::mm", 25, 10),
+        _x("cpu_op", "aten::add", 12, 5),
+        _x("cuda_runtime", "cudaLaunchKernel", 1, 1, corr=1),
+        _x("cuda_runtime", "cudaLaunchKernel", 2, 1, corr=2),
+        _x("cuda_runtime", "cudaLaunchKernel", 30, 1, corr=3),  # in aten::mm, after the GPU went idle at 20
+        _x("cuda_runtime", "cudaLaunchKernel", 31, 1, corr=4),
+        _x("cuda_driver", "cuLaunchKernel", 15, 1, corr=5),  # a Triton launch in aten::add, long before it ran
+        _x("kernel", "A", 0, 10, tid=7, corr=1),
+        _x("kernel", "B", 10, 10, tid=7, corr=2),
+        _x("kernel", "C", 50, 10, tid=7, corr=3),
+        _x("kernel", "D", 55, 15, tid=8, corr=4),  # another stream, overlapping C
+        _x("kernel", "E", 100, 10, tid=7, corr=5),
+        {"ph": "i", "name": "marker", "ts": 3},  # not a complete event: ignored
+    ]
+
+
+def test_gaps_busy_idle_and_the_launching_operator(tmp_path):
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": _trace()}, f)
+    r = gpu_gaps(load_events(path), min_gap_us=5)
+    assert r["span_ms"] == pytest.approx(0.110)
+    assert r["gpu_busy_ms"] == pytest.approx(0.050)  # 0-20, 50-70 (two streams merged), 100-110
+    assert r["gpu_idle_ms"] == pytest.approx(0.060)
+    assert r["kernels"] == 5 and r["gaps"] == 2
+    first, second = sorted(r["longest"], key=lambda g: g["at_us"])
+    assert (first["before"], first["after"], first["launched_by"], first["host_bound"]) == ("B", "C", "aten::mm", True)
+    assert (second["before"], second["after"], second["launched_by"]) == ("D", "E", "aten::add")
+    assert second["host_bound"] is False and second["gap_us"] == 30
+    assert r["host_bound_ms"] == pytest.approx(0.030)
+    assert r["idle_by_launching_op_ms"] == {"aten::mm": 0.03, "aten::add": 0.03}
+
+
+def test_short_gaps_are_idle_but_not_listed_and_cpu_traces_are_refused(tmp_path):
+    r = gpu_gaps([e for e in _trace() if e.get("ph") == "X"], min_gap_us=31)
+    assert r["gaps"] == 0 and r["gpu_idle_ms"] == pytest.approx(0.060)
+    with pytest.raises(ValueError, match="no GPU kernels"):
+        gpu_gaps([e for e in _trace() if e.get("cat") != "kernel"])
