@@ -158,6 +158,41 @@ def test_stochastic_depth_drops_whole_samples_and_is_off_in_eval():
     assert torch.equal(block.residual1(x, coords=coords), ref)
 
 
+def test_given_permutation_decides_the_kept_samples():
+    """A block's branch keeps exactly the head of the permutation it is handed (what a stack draws once)."""
+    model = capi_lab.create_model("tiny", **{**SMALL, "drop_path_rate": 0.5}).train()
+    block = model.backbone.encoder.blocks[0]
+    x, coords = torch.randn(8, 5, 32), torch.rand(8, 5, 2)
+    perm = torch.tensor([[5, 2, 7, 0, 1, 3, 4, 6], [2, 0, 7, 5, 6, 4, 3, 1]])
+    inv = torch.argsort(perm, dim=1)
+    y = block.residual1(x, (perm[0], inv[0]), coords=coords)
+    assert [i for i in range(8) if not torch.equal(y[i], x[i])] == [0, 2, 5, 7]
+    # the whole block: both branches keep {0, 2, 5, 7} (perm[1] orders them differently); the rest pass unchanged
+    z = block(x, coords, drops=(perm, inv))
+    assert [i for i in range(8) if torch.equal(z[i], x[i])] == [1, 3, 4, 6]
+
+
+def test_random_permutations_are_uniform_and_inverted():
+    from capi_lab.model.block import draw_drops, random_permutations
+
+    torch.manual_seed(0)
+    perm, inv = random_permutations(4000, 8)
+    assert torch.equal(perm.sort(dim=1).values, torch.arange(8).expand(4000, 8))
+    assert torch.equal(perm.gather(1, inv), torch.arange(8).expand(4000, 8))
+    kept = torch.zeros(8)
+    kept.scatter_add_(0, perm[:, :3].flatten(), torch.ones(3 * 4000))
+    assert torch.allclose(kept / 4000, torch.full((8,), 3 / 8), atol=0.04)  # every sample kept 3/8 of the time
+    first = torch.bincount(perm[:, 0], minlength=8) / 4000
+    assert torch.allclose(first, torch.full((8,), 1 / 8), atol=0.03)
+    # a stack draws one permutation pair per block, different across blocks, and none in eval or without drop
+    model = capi_lab.create_model("tiny", **{**SMALL, "drop_path_rate": 0.5}).train()
+    drops = draw_drops(model.backbone.encoder.blocks, 64, torch.device("cpu"))
+    assert len(drops) == len(model.backbone.encoder.blocks) and not torch.equal(drops[0][0], drops[1][0])
+    assert draw_drops(model.eval().backbone.encoder.blocks, 64, torch.device("cpu"))[0] is None
+    no_drop = capi_lab.create_model("tiny", **SMALL).train()
+    assert draw_drops(no_drop.backbone.encoder.blocks, 64, torch.device("cpu"))[0] is None
+
+
 def test_no_biases_except_patch_embed_and_clustering_head():
     model = capi_lab.create_model("tiny", **SMALL)
     biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from timm.layers import Mlp
 from torch import Tensor, nn
 
@@ -65,13 +65,29 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
+Drop = tuple[Int[Tensor, " b"], Int[Tensor, " b"]]
+"""A random permutation of the batch and its inverse: which samples a residual branch keeps."""
+
+
+def random_permutations(n: int, b: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``n`` independent uniformly random permutations of ``range(b)`` and their inverses, ``[n, b]`` each,
+    from one sort of 62-bit random keys (a tie, which would favour the lower index, has probability about
+    ``b**2 / 2**63``). A stack of blocks draws all its branches' permutations at once: one sort and one
+    scatter instead of a ``randperm`` and an ``argsort`` per branch, which in a compiled step are opaque
+    calls of several kernel launches each."""
+    perm = torch.randint(0, 2**62, (n, b), device=device).argsort(dim=1)
+    inv = torch.empty_like(perm).scatter_(1, perm, torch.arange(b, device=device).expand(n, b))
+    return perm, inv
+
+
 class Residual(nn.Module):
     """``x + fn(norm(x))``; in training, stochastic depth drops the branch for whole samples.
 
     Dropping is done by computing the branch only on a random subset of ``keep = int(b * (1-p))``
     samples and adding it back scaled by ``b / keep`` (unbiased, like DropPath), which also saves
-    a fraction ``p`` of the branch's compute. The branch goes back to its samples through a gather with
-    the inverse permutation rather than an atomic ``index_add``.
+    a fraction ``p`` of the branch's compute. The subset is the head of a random permutation (``drop``,
+    drawn here when not given), and the branch goes back to its samples through a gather with the
+    inverse permutation rather than an atomic ``index_add``.
     """
 
     def __init__(self, dim: int, fn: nn.Module, drop_prob: float = 0.0):
@@ -80,17 +96,23 @@ class Residual(nn.Module):
         self.fn = fn
         self.drop_prob = drop_prob
 
-    def forward(self, x: Float[Tensor, "b t d"], **batch_kwargs: Tensor | None) -> Float[Tensor, "b t d"]:
+    def drops(self, b: int) -> bool:
+        """Whether a training batch of ``b`` samples loses any to stochastic depth here."""
+        return self.training and max(int(b * (1 - self.drop_prob)), 1) < b
+
+    def forward(
+        self, x: Float[Tensor, "b t d"], drop: Drop | None = None, **batch_kwargs: Tensor | None
+    ) -> Float[Tensor, "b t d"]:
         b = x.shape[0]
-        keep = max(int(b * (1 - self.drop_prob)), 1)
-        if not self.training or keep == b:
+        if not self.drops(b):
             return x + self.fn(self.norm(x), **batch_kwargs)
-        perm = torch.randperm(b, device=x.device)
+        keep = max(int(b * (1 - self.drop_prob)), 1)
+        perm, inv = drop if drop is not None else (t[0] for t in random_permutations(1, b, x.device))
         idx = perm[:keep]
         sub = {k: (v[idx] if v is not None else None) for k, v in batch_kwargs.items()}
         branch = self.fn(self.norm(x[idx]), **sub).to(x.dtype) * (b / keep)
         padded = torch.cat([branch, branch.new_zeros(b - keep, *branch.shape[1:])])
-        return x + padded[torch.argsort(perm)]
+        return x + padded[inv]
 
 
 class Block(nn.Module):
@@ -119,9 +141,21 @@ class Block(nn.Module):
         coords: Float[Tensor, "b t 2"],
         context: Float[Tensor, "b m dk"] | None = None,
         context_coords: Float[Tensor, "b m 2"] | None = None,
+        drops: tuple[Int[Tensor, "2 b"], Int[Tensor, "2 b"]] | None = None,
     ) -> Float[Tensor, "b t d"]:
-        x = self.residual1(x, coords=coords, context=context, context_coords=context_coords)
-        return self.residual2(x)
+        """``drops``: permutations and inverses for the two residual branches (drawn per branch if None)."""
+        d1, d2 = ((drops[0][i], drops[1][i]) for i in range(2)) if drops is not None else (None, None)
+        x = self.residual1(x, d1, coords=coords, context=context, context_coords=context_coords)
+        return self.residual2(x, d2)
+
+
+def draw_drops(blocks: nn.ModuleList, b: int, device: torch.device) -> list:
+    """Per block of a stack, the ``drops`` argument of :meth:`Block.forward`: one batched draw for the whole
+    stack when stochastic depth is on (training), else ``None`` for every block."""
+    if not any(m.drops(b) for m in blocks.modules() if isinstance(m, Residual)):
+        return [None] * len(blocks)
+    perm, inv = random_permutations(2 * len(blocks), b, device)
+    return [(perm[2 * i : 2 * i + 2], inv[2 * i : 2 * i + 2]) for i in range(len(blocks))]
 
 
 def init_weights(module: nn.Module) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from capi_lab.model.block import Block, RMSNorm
+from capi_lab.model.block import Block, RMSNorm, draw_drops
 
 
 class Encoder(nn.Module):
@@ -24,6 +24,6 @@ class Encoder(nn.Module):
         self.norm = RMSNorm(dim, eps=1e-5, elementwise_affine=False)
 
     def forward(self, x: Float[Tensor, "b t d"], coords: Float[Tensor, "b t 2"]) -> Float[Tensor, "b t d"]:
-        for block in self.blocks:
-            x = block(x, coords)
+        for block, drops in zip(self.blocks, draw_drops(self.blocks, x.shape[0], x.device), strict=True):
+            x = block(x, coords, drops=drops)
         return self.norm(x)

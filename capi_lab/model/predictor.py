@@ -7,7 +7,7 @@ from __future__ import annotations
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from capi_lab.model.block import Block, RMSNorm
+from capi_lab.model.block import Block, RMSNorm, draw_drops
 
 
 class Predictor(nn.Module):
@@ -36,6 +36,7 @@ class Predictor(nn.Module):
         num_blocks: int | None = None,
     ) -> Float[Tensor, "b q d"]:
         """Run the first ``num_blocks`` blocks (all by default), then ``dec_norm``."""
-        for block in self.blocks[:num_blocks]:
-            queries = block(queries, query_coords, context, context_coords)
+        blocks = self.blocks[:num_blocks]
+        for block, drops in zip(blocks, draw_drops(blocks, queries.shape[0], queries.device), strict=True):
+            queries = block(queries, query_coords, context, context_coords, drops=drops)
         return self.norm(queries)
