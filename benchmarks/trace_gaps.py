@@ -5,7 +5,9 @@
 
 Reads a Chrome trace written by ``torch.profiler`` (``.json`` or ``.json.gz``) and prints one JSON line: the
 span from the first to the last GPU kernel, the time some kernel was running (all streams merged), the idle
-time, and that idle time summed by the host operator that launched the kernel ending each gap. A gap whose
+time, that idle time summed by the host operator that launched the kernel ending each gap, and the calls
+that made the host wait for the GPU (stream/device synchronisations, blocking copies) with the operator
+that made them. A gap whose
 next kernel was launched only after the GPU had gone idle is "host-bound": the host, not the GPU, set the pace
 there, and fewer launches (CUDA graphs) or less Python per step is what closes it. ``--top N`` also lists the
 N longest gaps. The profiler slows the host down, so the gaps in a trace are an upper bound on the gaps of
@@ -24,6 +26,7 @@ from typing import Any
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+BLOCKING_COPIES = ("cudaMemcpy", "cuMemcpyDtoH_v2", "cuMemcpyHtoD_v2")
 
 
 def load_events(path: str | Path) -> list[dict[str, Any]]:
@@ -91,6 +94,12 @@ def gpu_gaps(events: list[dict[str, Any]], min_gap_us: float = 5.0) -> dict[str,
     by_op: dict[str, float] = defaultdict(float)
     for g in gaps:
         by_op[g["launched_by"] or "?"] += g["gap_us"]
+    # calls that make the host wait for the GPU: every one drains the queue the host had built up
+    syncs: dict[str, int] = defaultdict(int)
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") in LAUNCH_CATEGORIES and ("Synchronize" in name or name in BLOCKING_COPIES):
+            syncs[f"{name} in {_host_op_at(ops_by_tid, e.get('tid'), e['ts']) or '?'}"] += 1
     span = end - start
     return {
         "span_ms": round(span / 1e3, 3),
@@ -100,6 +109,7 @@ def gpu_gaps(events: list[dict[str, Any]], min_gap_us: float = 5.0) -> dict[str,
         "gaps": len(gaps),
         "idle_in_gaps_ms": round(sum(g["gap_us"] for g in gaps) / 1e3, 3),
         "host_bound_ms": round(sum(g["gap_us"] for g in gaps if g["host_bound"]) / 1e3, 3),
+        "host_waits": dict(sorted(syncs.items(), key=lambda kv: -kv[1])),
         "idle_by_launching_op_ms": {k: round(v / 1e3, 3) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]},
         "longest": sorted(gaps, key=lambda g: -g["gap_us"]),
     }

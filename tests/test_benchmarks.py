@@ -24,6 +24,8 @@ def _trace():
         _x("cuda_runtime", "cudaLaunchKernel", 30, 1, corr=3),  # in aten::mm, after the GPU went idle at 20
         _x("cuda_runtime", "cudaLaunchKernel", 31, 1, corr=4),
         _x("cuda_driver", "cuLaunchKernel", 15, 1, corr=5),  # a Triton launch in aten::add, long before it ran
+        _x("cpu_op", "aten::item", 80, 12),
+        _x("cuda_runtime", "cudaStreamSynchronize", 81, 10),  # the host waits inside aten::item
         _x("kernel", "A", 0, 10, tid=7, corr=1),
         _x("kernel", "B", 10, 10, tid=7, corr=2),
         _x("kernel", "C", 50, 10, tid=7, corr=3),
@@ -48,6 +50,7 @@ def test_gaps_busy_idle_and_the_launching_operator(tmp_path):
     assert second["host_bound"] is False and second["gap_us"] == 30
     assert r["host_bound_ms"] == pytest.approx(0.030)
     assert r["idle_by_launching_op_ms"] == {"aten::mm": 0.03, "aten::add": 0.03}
+    assert r["host_waits"] == {"cudaStreamSynchronize in aten::item": 1}
 
 
 def test_short_gaps_are_idle_but_not_listed_and_cpu_traces_are_refused(tmp_path):
