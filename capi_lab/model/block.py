@@ -152,7 +152,7 @@ class Block(nn.Module):
 def draw_drops(blocks: nn.ModuleList, b: int, device: torch.device) -> list:
     """Per block of a stack, the ``drops`` argument of :meth:`Block.forward`: one batched draw for the whole
     stack when stochastic depth is on (training), else ``None`` for every block."""
-    if not any(m.drops(b) for m in blocks.modules() if isinstance(m, Residual)):
+    if not any(r.drops(b) for block in blocks for r in (block.residual1, block.residual2)):
         return [None] * len(blocks)
     perm, inv = random_permutations(2 * len(blocks), b, device)
     return [(perm[2 * i : 2 * i + 2], inv[2 * i : 2 * i + 2]) for i in range(len(blocks))]
