@@ -7,6 +7,7 @@
 #   tests     the GPU tests and the fused-kernel tests on CUDA
 #   b16       training step, ViT-B/16 batch 256, compiled (kernel table, trace and its GPU-gap analysis)
 #   b16cg     the same with CUDA graphs (--cuda-graphs)
+#   b16combo  ViT-B/16 compiled with Inductor's combo kernels (small independent kernels fused into one launch)
 #   l14       training step, ViT-L/14 batch 128, compiled
 #   l14cg     the same with CUDA graphs
 #   baseline  ViT-B/16 again with the compiled PyTorch Sinkhorn instead of the kernels (same machine)
@@ -30,7 +31,7 @@ bench() { local t=$1; shift
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
   | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
-for step in "${@:-sweep tests b16 b16cg l14 l14cg baseline eager}"; do for s in $step; do case $s in
+for step in "${@:-sweep tests b16 b16cg b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
@@ -40,6 +41,7 @@ for step in "${@:-sweep tests b16 b16cg l14 l14cg baseline eager}"; do for s in 
          --trace "$OUT/trace_b16.json.gz"; gaps "$OUT/trace_b16.json.gz" ;;
   b16cg) bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs "${BLOCKS[@]}" \
          --trace "$OUT/trace_b16cg.json.gz"; gaps "$OUT/trace_b16cg.json.gz" ;;
+  b16combo) bench 170 --preset vit_b16 --batch-size 256 --compile --inductor combo_kernels=True "${BLOCKS[@]}" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;
   l14cg) bench 190 --preset vit_l14 --batch-size 128 --compile --cuda-graphs "${BLOCKS[@]}" ;;
   baseline) bench 130 --preset vit_b16 --batch-size 256 --compile --sinkhorn single-pass ;;

@@ -36,6 +36,21 @@ def _sinkhorn_potentials_max_every_step(z: torch.Tensor, n_iter: int = 3) -> tup
     return log_u, log_v
 
 
+def _inductor_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value), the value read as a Python literal when it is one."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, value = text.partition("=")
+    if not sep or not hasattr(inductor_config, key):
+        raise SystemExit(f"error: --inductor {text!r}: expected KEY=VALUE with KEY a torch._inductor.config field")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="vit_l14")
@@ -63,7 +78,15 @@ def main() -> None:
     p.add_argument(
         "--kernel-blocks", default=None, help="JSON file of fused_clustering.BLOCKS (from sinkhorn_kernels.py)"
     )
+    p.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set torch._inductor.config.KEY (repeatable), e.g. combo_kernels=True to fuse small independent kernels",
+    )
     args = p.parse_args()
+    inductor_options = dict(_inductor_option(o) for o in args.inductor)
     import capi_lab.fused_clustering as fc
 
     if args.sinkhorn != "fused":
@@ -98,6 +121,10 @@ def main() -> None:
         train_step(tr, images, masks[1])
     flops = counter.get_total_flops()
     if args.compile:
+        import torch._inductor.config as inductor_config
+
+        for key, value in inductor_options.items():
+            setattr(inductor_config, key, value)
         del tr
         tr = build_trainer(fabric, cfg, max_steps=10**6, compile=True, cuda_graphs=args.cuda_graphs)
 
@@ -148,6 +175,7 @@ def main() -> None:
         "image_size": cfg.image_size,
         "compile": args.compile,
         "cuda_graphs": tr.cuda_graphs,
+        "inductor": inductor_options or None,
         "sinkhorn": args.sinkhorn if device == "cuda" or args.sinkhorn != "fused" else "single-pass (no CUDA)",
         "kernel_blocks": fc.BLOCKS if args.sinkhorn == "fused" and device == "cuda" else None,
         "precision": precision,
