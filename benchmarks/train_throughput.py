@@ -87,6 +87,10 @@ def main() -> None:
     )
     args = p.parse_args()
     inductor_options = dict(_inductor_option(o) for o in args.inductor)
+    import torch._inductor.config as inductor_config
+
+    for key, value in inductor_options.items():  # read by torch.compile (--compile)
+        setattr(inductor_config, key, value)
     import capi_lab.fused_clustering as fc
 
     if args.sinkhorn != "fused":
@@ -121,10 +125,6 @@ def main() -> None:
         train_step(tr, images, masks[1])
     flops = counter.get_total_flops()
     if args.compile:
-        import torch._inductor.config as inductor_config
-
-        for key, value in inductor_options.items():
-            setattr(inductor_config, key, value)
         del tr
         tr = build_trainer(fabric, cfg, max_steps=10**6, compile=True, cuda_graphs=args.cuda_graphs)
 

@@ -124,7 +124,7 @@ def resolve_config(argv: list[str] | None = None) -> RunConfig:
     if run.cuda_graphs and run.strategy == "fsdp":
         raise SystemExit(
             "error: --cuda-graphs does not work with --strategy fsdp (FSDP gathers the parameters into new "
-            "buffers every step); use --strategy ddp or drop --cuda-graphs"
+            "buffers every step); drop --cuda-graphs"
         )
     grid = run.capi.image_size // run.capi.model.patch_size
     try:

@@ -96,9 +96,12 @@ class Residual(nn.Module):
         self.fn = fn
         self.drop_prob = drop_prob
 
+    def _keep(self, b: int) -> int:
+        return max(int(b * (1 - self.drop_prob)), 1)
+
     def drops(self, b: int) -> bool:
         """Whether a training batch of ``b`` samples loses any to stochastic depth here."""
-        return self.training and max(int(b * (1 - self.drop_prob)), 1) < b
+        return self.training and self._keep(b) < b
 
     def forward(
         self, x: Float[Tensor, "b t d"], drop: Drop | None = None, **batch_kwargs: Tensor | None
@@ -106,7 +109,7 @@ class Residual(nn.Module):
         b = x.shape[0]
         if not self.drops(b):
             return x + self.fn(self.norm(x), **batch_kwargs)
-        keep = max(int(b * (1 - self.drop_prob)), 1)
+        keep = self._keep(b)
         perm, inv = drop if drop is not None else (t[0] for t in random_permutations(1, b, x.device))
         idx = perm[:keep]
         sub = {k: (v[idx] if v is not None else None) for k, v in batch_kwargs.items()}
