@@ -89,6 +89,26 @@ def test_cuda_graph_replays_redraw_stochastic_depth(no_shape_checks):
         assert len(replayed) >= 4 if drop else len(replayed) == 1, (drop, losses)
 
 
+def test_fused_rope_step_matches_pytorch_rope(monkeypatch, no_shape_checks):
+    """The compiled training step with RoPE as the Triton kernel (the CUDA default) and in PyTorch: the same
+    losses, and the kernel is what the first one traced."""
+    from capi_lab import fused_rope
+    from capi_lab.train import train_step
+
+    traced = []
+    monkeypatch.setattr(fused_rope, "rotate", lambda *a, f=fused_rope.rotate: traced.append(a) or f(*a))
+    losses = {}
+    for fused in (True, False):
+        monkeypatch.setattr(fused_rope, "ENABLED", fused)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        tr, x, m = _trainer(compile=True, **{"model.drop_path_rate": 0.0})
+        losses[fused] = [float(train_step(tr, x, m)["capi_loss"]) for _ in range(4)]
+        if fused:
+            assert len(traced) >= 2  # teacher and student encoders at least
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+
+
 def test_cuda_fp32_matches_cpu_and_bf16_is_close():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -32,6 +32,7 @@ class Attention(nn.Module):
         super().__init__()
         kv_dim = kv_dim or dim
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(kv_dim, dim, bias=False)
         self.v_proj = nn.Linear(kv_dim, dim, bias=False)
@@ -39,8 +40,7 @@ class Attention(nn.Module):
         self.rope = Rope(dim // num_heads, **(rope or {}))
 
     def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, -1).transpose(1, 2)  # (b, heads, n, hd)
+        return t.unflatten(-1, (-1, self.head_dim))  # (b, n, heads, hd): token-major, a view
 
     def forward(
         self,
@@ -51,17 +51,21 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "b t d"]:
         # One matrix product for the projections that share an input (q, k, v in self-attention; k, v in
         # cross-attention): the same math as three, with fewer, larger products and one read of the input.
-        # The weights stay separate parameters, in the authors' layout.
+        # The weights stay separate parameters, in the authors' layout. In self-attention q and k share their
+        # coordinates, so their heads are rotated together.
         wq, wk, wv = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        d = wq.shape[0]
         if context is None:
-            q, k, v = F.linear(x, torch.cat([wq, wk, wv])).chunk(3, dim=-1)
-            context_coords = coords
+            qkv = F.linear(x, torch.cat([wq, wk, wv]))
+            q, k = self.rope.split(self._heads(qkv[..., : 2 * d]), coords, parts=2)
+            v = qkv[..., 2 * d :]
         else:
-            q = F.linear(x, wq)
-            k, v = F.linear(context, torch.cat([wk, wv])).chunk(2, dim=-1)
-        q = self.rope(self._heads(q), coords)
-        k = self.rope(self._heads(k), context_coords)
-        out = F.scaled_dot_product_attention(q, k, self._heads(v))
+            q = self.rope(self._heads(F.linear(x, wq)), coords)
+            kv = F.linear(context, torch.cat([wk, wv]))
+            k = self.rope(self._heads(kv[..., :d]), context_coords)
+            v = kv[..., d:]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, self._heads(v)))  # (b, heads, n, hd)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 

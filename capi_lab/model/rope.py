@@ -13,6 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from capi_lab import fused_rope
+
 
 def patch_coordinates(h: int, w: int, device: torch.device | None = None) -> Float[Tensor, "n 2"]:
     """Coordinates ``(i/(h-1), j/(w-1))`` of an ``h x w`` patch grid, flattened row-major."""
@@ -99,9 +101,24 @@ class Rope(nn.Module):
         coords = coords.to(dtype)
         return coords[..., 0:1] * freqs[0] + coords[..., 1:2] * freqs[1]
 
-    def forward(self, x: Float[Tensor, "b h t hd"], coords: Float[Tensor, "b t 2"]) -> Float[Tensor, "b h t hd"]:
-        angle = self.angles(coords).unsqueeze(1)  # (b, 1, t, hd): shared by all heads
-        return (x * angle.cos() + rotate_half(x) * angle.sin()).to(x.dtype)
+    def forward(self, x: Float[Tensor, "b t n hd"], coords: Float[Tensor, "b t 2"]) -> Float[Tensor, "b t n hd"]:
+        """RoPE of the ``n`` heads of every token (token-major, as the q/k/v projections give them)."""
+        return self.split(x, coords, parts=1)[0]
+
+    def split(
+        self, x: Float[Tensor, "b t n hd"], coords: Float[Tensor, "b t 2"], parts: int
+    ) -> tuple[Float[Tensor, "b t _ hd"], ...]:
+        """RoPE as :meth:`forward`, the result split along the head axis into ``parts`` tensors:
+        self-attention rotates its q and k heads in one call.
+
+        On CUDA this is one Triton kernel that computes each angle's cosine and sine once for all heads
+        (:mod:`capi_lab.fused_rope`); otherwise, and when the table or coordinates need gradients, PyTorch.
+        """
+        if fused_rope.available(x, coords, self.freqs):
+            return tuple(fused_rope.rotate(x, coords, self.freqs, parts))
+        angle = self.angles(coords).unsqueeze(2)  # (b, t, 1, hd): shared by all heads
+        out = (x * angle.cos() + rotate_half(x) * angle.sin()).to(x.dtype)
+        return out.chunk(parts, dim=2)
 
 
 def gather_tokens(x: Float[Tensor, "b n *d"], idx: Int[Tensor, "b m"]) -> Float[Tensor, "b m *d"]:
