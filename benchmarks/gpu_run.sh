@@ -5,8 +5,10 @@
 #   sweep     fused Sinkhorn kernels alone: agreement at full scale, timings vs compiled PyTorch, tile sweep
 #   kernels   the same without the sweep and the PyTorch baseline (quick)
 #   tests     the GPU tests and the fused-kernel tests on CUDA
+#   rope      the fused RoPE kernel alone against Inductor's kernel for the PyTorch form, with a tile sweep
 #   b16       training step, ViT-B/16 batch 256, compiled (kernel table, trace and its GPU-gap analysis)
 #   b16cg     the same with CUDA graphs (--cuda-graphs)
+#   b16rope0  ViT-B/16 compiled with RoPE in PyTorch (--rope pytorch): the fused RoPE kernel's share of b16
 #   b16combo  ViT-B/16 compiled with Inductor's combo kernels (small independent kernels fused into one launch)
 #   l14       training step, ViT-L/14 batch 128, compiled
 #   l14cg     the same with CUDA graphs
@@ -31,16 +33,18 @@ bench() { local t=$1; shift
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
   | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
-for step in "${@:-sweep tests b16 b16cg b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
+for step in "${@:-sweep tests rope b16 b16rope0 b16cg b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
   tests) timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_fused_clustering.py \
-           -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/env_tests.txt" ;;
+           tests/test_fused_rope.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/env_tests.txt" ;;
   b16) bench 150 --preset vit_b16 --batch-size 256 --compile "${BLOCKS[@]}" --profile "$OUT/profile_b16.txt" \
          --trace "$OUT/trace_b16.json.gz"; gaps "$OUT/trace_b16.json.gz" ;;
   b16cg) bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs "${BLOCKS[@]}" \
          --trace "$OUT/trace_b16cg.json.gz"; gaps "$OUT/trace_b16cg.json.gz" ;;
+  rope) timeout 120 python3 benchmarks/rope_kernel.py --sweep 2>>"$OUT/err.txt" | tee -a "$OUT/kernels.jsonl" ;;
+  b16rope0) bench 150 --preset vit_b16 --batch-size 256 --compile --rope pytorch "${BLOCKS[@]}" ;;
   b16combo) bench 170 --preset vit_b16 --batch-size 256 --compile --inductor combo_kernels=True "${BLOCKS[@]}" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;
   l14cg) bench 190 --preset vit_l14 --batch-size 128 --compile --cuda-graphs "${BLOCKS[@]}" ;;

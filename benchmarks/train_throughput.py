@@ -76,6 +76,13 @@ def main() -> None:
         "max-stabilised log-sum-exp in every half-iteration (two passes over the logits each)",
     )
     p.add_argument(
+        "--rope",
+        default="fused",
+        choices=["fused", "pytorch"],
+        help="'fused': the library default on CUDA (one Triton kernel for q and k, capi_lab.fused_rope); "
+        "'pytorch': Rope's PyTorch form, compiled with the rest of the step",
+    )
+    p.add_argument(
         "--kernel-blocks", default=None, help="JSON file of fused_clustering.BLOCKS (from sinkhorn_kernels.py)"
     )
     p.add_argument(
@@ -95,6 +102,10 @@ def main() -> None:
 
     if args.sinkhorn != "fused":
         fc.ENABLED = False
+    import capi_lab.fused_rope as fr
+
+    if args.rope != "fused":
+        fr.ENABLED = False
     if args.kernel_blocks:
         with open(args.kernel_blocks) as f:
             fc.BLOCKS.update(json.load(f))
@@ -177,6 +188,7 @@ def main() -> None:
         "cuda_graphs": tr.cuda_graphs,
         "inductor": inductor_options or None,
         "sinkhorn": args.sinkhorn if device == "cuda" or args.sinkhorn != "fused" else "single-pass (no CUDA)",
+        "rope": "fused" if fr.ENABLED and device == "cuda" else "pytorch",
         "kernel_blocks": fc.BLOCKS if args.sinkhorn == "fused" and device == "cuda" else None,
         "precision": precision,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",

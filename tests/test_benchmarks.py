@@ -58,3 +58,22 @@ def test_short_gaps_are_idle_but_not_listed_and_cpu_traces_are_refused(tmp_path)
     assert r["gaps"] == 0 and r["gpu_idle_ms"] == pytest.approx(0.060)
     with pytest.raises(ValueError, match="no GPU kernels"):
         gpu_gaps([e for e in _trace() if e.get("cat") != "kernel"])
+
+
+def test_rope_kernel_benchmark_runs_and_agrees():
+    """benchmarks/rope_kernel.py as a newcomer runs it on a machine without a GPU: through Triton's
+    interpreter on small shapes, one JSON line per shape, the kernel agreeing with the PyTorch form."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/rope_kernel.py"], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["shape"] for r in rows] == ["teacher", "student"]
+    for r in rows:
+        assert r["max_abs_diff"] < 1e-5 and r["fused_ms"] > 0
+    assert rows[1]["grad_max_abs_diff"] < 1e-5
