@@ -43,7 +43,9 @@ for step in "${@:-sweep tests rope b16 b16rope0 b16cg b16combo l14 l14cg baselin
          --trace "$OUT/trace_b16.json.gz"; gaps "$OUT/trace_b16.json.gz" ;;
   b16cg) bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs "${BLOCKS[@]}" \
          --trace "$OUT/trace_b16cg.json.gz"; gaps "$OUT/trace_b16cg.json.gz" ;;
-  rope) timeout 120 python3 benchmarks/rope_kernel.py --sweep 2>>"$OUT/err.txt" | tee -a "$OUT/kernels.jsonl" ;;
+  rope) timeout 120 python3 benchmarks/rope_kernel.py --sweep 2>>"$OUT/err.txt" | tee -a "$OUT/kernels.jsonl"
+        [ "${PIPESTATUS[0]}" = 0 ] || { echo "RoPE kernel failed: the later steps use CAPI_LAB_FUSED_ROPE=0"
+          tail -5 "$OUT/err.txt"; export CAPI_LAB_FUSED_ROPE=0; } ;;
   b16rope0) bench 150 --preset vit_b16 --batch-size 256 --compile --rope pytorch "${BLOCKS[@]}" ;;
   b16combo) bench 170 --preset vit_b16 --batch-size 256 --compile --inductor combo_kernels=True "${BLOCKS[@]}" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;

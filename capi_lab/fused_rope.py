@@ -65,7 +65,9 @@ if triton is not None:
         cos_a, sin_a = tl.cos(angle_a), tl.sin(angle_a)
         cos_b, sin_b = tl.cos(angle_b), tl.sin(angle_b)
         if INVERSE:  # the transpose of [[cos_a, -sin_a], [sin_b, cos_b]] (not a rotation in the capi layout)
-            sin_a, sin_b = -sin_b, -sin_a
+            minus_sin_b = -sin_b
+            sin_b = -sin_a
+            sin_a = minus_sin_b
         x0 = x0_ptr + b * sx0_b + offs_t[:, None] * sx0_t + offs_d[None, :]
         x1 = x1_ptr + b * sx1_b + offs_t[:, None] * sx1_t + offs_d[None, :]
         o = b * so_b + offs_t[:, None] * so_t + offs_d[None, :]
