@@ -5,7 +5,8 @@
 #   sweep     fused Sinkhorn kernels alone: agreement at full scale, timings vs compiled PyTorch, tile sweep
 #   kernels   the same without the sweep and the PyTorch baseline (quick)
 #   tests     the GPU tests and the fused-kernel tests on CUDA
-#   rope      the fused RoPE kernel alone against Inductor's kernel for the PyTorch form, with a tile sweep
+#   rope      the fused RoPE kernel alone against Inductor's kernel for the PyTorch form; a tile sweep whose
+#             best tiles the later steps use
 #   b16       training step, ViT-B/16 batch 256, compiled (kernel table, trace and its GPU-gap analysis)
 #   b16cg     the same with CUDA graphs (--cuda-graphs)
 #   b16rope0  ViT-B/16 compiled with RoPE in PyTorch (--rope pytorch): the fused RoPE kernel's share of b16
@@ -43,9 +44,11 @@ for step in "${@:-sweep tests rope b16 b16rope0 b16cg b16combo l14 l14cg baselin
          --trace "$OUT/trace_b16.json.gz"; gaps "$OUT/trace_b16.json.gz" ;;
   b16cg) bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs "${BLOCKS[@]}" \
          --trace "$OUT/trace_b16cg.json.gz"; gaps "$OUT/trace_b16cg.json.gz" ;;
-  rope) timeout 120 python3 benchmarks/rope_kernel.py --sweep 2>>"$OUT/err.txt" | tee -a "$OUT/kernels.jsonl"
-        [ "${PIPESTATUS[0]}" = 0 ] || { echo "RoPE kernel failed: the later steps use CAPI_LAB_FUSED_ROPE=0"
-          tail -5 "$OUT/err.txt"; export CAPI_LAB_FUSED_ROPE=0; } ;;
+  rope) timeout 120 python3 benchmarks/rope_kernel.py --sweep --best-out /tmp/rope_blocks.json 2>>"$OUT/err.txt" \
+          | tee -a "$OUT/kernels.jsonl"
+        if [ "${PIPESTATUS[0]}" = 0 ]; then BLOCKS+=(--rope-blocks /tmp/rope_blocks.json)
+        else echo "RoPE kernel failed: the later steps use CAPI_LAB_FUSED_ROPE=0"; tail -5 "$OUT/err.txt"
+          export CAPI_LAB_FUSED_ROPE=0; fi ;;
   b16rope0) bench 150 --preset vit_b16 --batch-size 256 --compile --rope pytorch "${BLOCKS[@]}" ;;
   b16combo) bench 170 --preset vit_b16 --batch-size 256 --compile --inductor combo_kernels=True "${BLOCKS[@]}" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;

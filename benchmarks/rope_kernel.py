@@ -1,7 +1,7 @@
 """RoPE on q and k alone: the fused Triton kernel against Inductor's kernel for the PyTorch form.
 
     python benchmarks/rope_kernel.py            # ViT-B/16 shapes at batch 256
-    python benchmarks/rope_kernel.py --sweep    # also other tile sizes (capi_lab.fused_rope.BLOCKS)
+    python benchmarks/rope_kernel.py --sweep --best-out rope_blocks.json   # also other tile sizes
 
 Two shapes from a ViT-B/16 training step: the teacher's self-attention (256 images x 212 tokens, forward
 only, under no_grad) and the student's (230 images kept by stochastic depth x 85 visible tokens, forward +
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="try the tile sizes in SWEEP")
+    p.add_argument("--best-out", default=None, help="write the fastest BLOCKS (both shapes together) here (JSON)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -66,6 +67,8 @@ def main() -> None:
 
         return run
 
+    configs = SWEEP if args.sweep else [(fused_rope.BLOCKS["BLOCK_T"], fused_rope.BLOCKS["num_warps"])]
+    totals = dict.fromkeys(configs, 0.0)
     for name, (bb, t, backward) in shapes.items():
         qkv = torch.randn(bb, t, 3 * heads * hd, device=dev, dtype=dtype, requires_grad=backward)
         coords = torch.rand(bb, t, 2, device=dev)
@@ -82,16 +85,22 @@ def main() -> None:
         if backward:
             row["grad_max_abs_diff"] = float((ref_grad.float() - got_grad.float()).abs().max())
         row["pytorch_compiled_ms"] = round(timed(runner(False, qkv, coords, grads), reps), 4)
-        configs = SWEEP if args.sweep else [(fused_rope.BLOCKS["BLOCK_T"], fused_rope.BLOCKS["num_warps"])]
         default = dict(fused_rope.BLOCKS)
         for block_t, warps in configs:
             fused_rope.BLOCKS.update(BLOCK_T=block_t, num_warps=warps)
             ms = timed(runner(True, qkv, coords, grads), reps)
+            totals[block_t, warps] += ms
             print(json.dumps({**row, "blocks": dict(fused_rope.BLOCKS), "fused_ms": round(ms, 4),
                               "fused_GBps": round(gb / ms * 1e3, 1),
                               "speedup": round(row["pytorch_compiled_ms"] / ms, 2)}))  # fmt: skip
         fused_rope.BLOCKS.update(default)
     fused_rope.ENABLED = True
+    block_t, warps = min(totals, key=totals.get)
+    best = {"BLOCK_T": block_t, "num_warps": warps}
+    print(json.dumps({"best_rope_blocks": best, "fused_ms_both_shapes": round(totals[block_t, warps], 4)}))
+    if args.best_out:
+        with open(args.best_out, "w") as f:
+            json.dump(best, f)
 
 
 if __name__ == "__main__":

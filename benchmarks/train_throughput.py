@@ -82,6 +82,7 @@ def main() -> None:
         help="'fused': the library default on CUDA (one Triton kernel for q and k, capi_lab.fused_rope); "
         "'pytorch': Rope's PyTorch form, compiled with the rest of the step",
     )
+    p.add_argument("--rope-blocks", default=None, help="JSON file of fused_rope.BLOCKS (from rope_kernel.py)")
     p.add_argument(
         "--kernel-blocks", default=None, help="JSON file of fused_clustering.BLOCKS (from sinkhorn_kernels.py)"
     )
@@ -106,6 +107,9 @@ def main() -> None:
 
     if args.rope != "fused":
         fr.ENABLED = False
+    if args.rope_blocks:
+        with open(args.rope_blocks) as f:
+            fr.BLOCKS.update(json.load(f))
     if args.kernel_blocks:
         with open(args.kernel_blocks) as f:
             fc.BLOCKS.update(json.load(f))
@@ -189,6 +193,7 @@ def main() -> None:
         "inductor": inductor_options or None,
         "sinkhorn": args.sinkhorn if device == "cuda" or args.sinkhorn != "fused" else "single-pass (no CUDA)",
         "rope": "fused" if fr.ENABLED and device == "cuda" else "pytorch",
+        "rope_blocks": fr.BLOCKS if fr.ENABLED and device == "cuda" else None,
         "kernel_blocks": fc.BLOCKS if args.sinkhorn == "fused" and device == "cuda" else None,
         "precision": precision,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
