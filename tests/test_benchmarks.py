@@ -72,8 +72,9 @@ def test_rope_kernel_benchmark_runs_and_agrees():
         [sys.executable, "benchmarks/rope_kernel.py"], cwd=root, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    *rows, best = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["shape"] for r in rows] == ["teacher", "student"]
+    assert best["best_rope_blocks"] == rows[0]["blocks"]  # no sweep: the default tiles
     for r in rows:
         assert r["max_abs_diff"] < 1e-5 and r["fused_ms"] > 0
     assert rows[1]["grad_max_abs_diff"] < 1e-5
