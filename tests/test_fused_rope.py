@@ -141,3 +141,31 @@ def test_triton_gets_the_kernels_own_functions():
     for fn in (fused_rope._jit().fn, fused_rope._rotate_pair.fn):
         assert fn.__globals__ is vars(fused_rope)
         assert "tl" in fn.__globals__
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_training_steps_are_the_same_with_the_kernel(monkeypatch, compiled, no_shape_checks):
+    """Whole training steps of the tiny model (teacher and student encoders, cross-attention predictor,
+    stochastic depth on subsets of the coordinates, EMA) give the same losses with RoPE as the kernel (here
+    through the interpreter, inside the compiled steps when ``compiled``) as with PyTorch's RoPE."""
+    from lightning.fabric import Fabric
+
+    from capi_lab.config import get_preset, with_overrides
+    from capi_lab.masking import MaskBatch, sample_masks
+    from capi_lab.train import build_trainer, train_step
+
+    cfg = with_overrides(get_preset("tiny"), batch_size=8, **{"model.drop_path_rate": 0.25})
+    x = torch.randn(8, 3, 28, 28)
+    m = MaskBatch(*sample_masks(8, 7, 7, cfg.mask, rng=0))
+    calls = []
+    monkeypatch.setattr(fused_rope, "rotate", lambda *a, f=fused_rope.rotate: calls.append(a) or f(*a))
+    losses = {}
+    for fused in (False, True):
+        monkeypatch.setattr(fused_rope, "available", lambda *a, fused=fused: fused)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        tr = build_trainer(Fabric(accelerator="cpu", devices=1, precision="32-true"), cfg, 10, compile=compiled)
+        outs = [train_step(tr, x, m) for _ in range(3)]
+        losses[fused] = [float(o[key]) for o in outs for key in ("capi_loss", "clustering_loss")]
+    assert calls  # the kernel ran (or was traced)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
