@@ -87,6 +87,12 @@ def _jit():
 ENABLED = triton is not None and os.environ.get("CAPI_LAB_FUSED_ROPE", "1") != "0"
 """Use the kernel for CUDA tensors (read once from ``CAPI_LAB_FUSED_ROPE``; may be set directly)."""
 
+TRACEABLE = os.environ.get("CAPI_LAB_FUSED_ROPE", "1") == "traceable"
+"""Register-and-launch variant (``CAPI_LAB_FUSED_ROPE=traceable``; may be set directly). By default the kernel
+sits behind an opaque custom op, which a compiled step calls through the dispatcher and Triton's launcher.
+With this, :func:`torch.library.triton_op` lets Inductor see the kernel and launch it from its generated code,
+with less host time per call. For CUDA only: Triton's interpreter cannot be traced."""
+
 BLOCKS = {"BLOCK_T": 16, "num_warps": 4}
 """Tokens per program and warps (``benchmarks/rope_kernel.py`` times alternatives)."""
 
@@ -103,7 +109,7 @@ def available(x: Tensor, coords: Tensor, freqs: Tensor) -> bool:
     )
 
 
-def _launch(xs: list[Tensor], outs: list[Tensor], coords: Tensor, freqs: Tensor, inverse: bool) -> None:
+def _launch(kernel, xs: list[Tensor], outs: list[Tensor], coords: Tensor, freqs: Tensor, inverse: bool) -> None:
     if triton is None:
         raise RuntimeError("capi_lab's fused RoPE needs Triton: pip install triton, or set CAPI_LAB_FUSED_ROPE=0")
     if not xs[0].is_cuda and not triton.knobs.runtime.interpret:
@@ -118,19 +124,31 @@ def _launch(xs: list[Tensor], outs: list[Tensor], coords: Tensor, freqs: Tensor,
     half = d // 2
     table = freqs.detach().to(torch.float32).contiguous()
     grid = (triton.cdiv(t, BLOCKS["BLOCK_T"]), b)
-    _jit()[grid](
+    kernel[grid](
         x0, x1, o0, o1, coords, table, t, heads, *x0.stride()[:3], *x1.stride()[:3], *o0.stride()[:3],
         *coords.stride(), HALF=half, PARTS=len(xs), INVERSE=inverse, BLOCK_D=triton.next_power_of_2(half), **BLOCKS,
     )  # fmt: skip
 
 
-@torch.library.custom_op("capi_lab::rope", mutates_args=())
-def _rope_op(x: Tensor, coords: Tensor, freqs: Tensor, parts: int) -> list[Tensor]:
+def _forward(kernel, x: Tensor, coords: Tensor, freqs: Tensor, parts: int) -> list[Tensor]:
     b, t, n, d = x.shape
     hp = n // parts
     outs = [x.new_empty((b, t, hp, d)) for _ in range(parts)]
-    _launch([x[:, :, i * hp : (i + 1) * hp] for i in range(parts)], outs, coords, freqs, inverse=False)
+    _launch(kernel, [x[:, :, i * hp : (i + 1) * hp] for i in range(parts)], outs, coords, freqs, inverse=False)
     return outs
+
+
+def _backward(kernel, grads: list[Tensor], coords: Tensor, freqs: Tensor) -> Tensor:
+    b, t, hp, d = grads[0].shape
+    dx = grads[0].new_empty((b, t, hp * len(grads), d))
+    _launch(kernel, grads, [dx[:, :, i * hp : (i + 1) * hp] for i in range(len(grads))], coords, freqs, inverse=True)
+    return dx
+
+
+# The default ops: opaque to torch.compile, with fake implementations for tracing.
+@torch.library.custom_op("capi_lab::rope", mutates_args=())
+def _rope_op(x: Tensor, coords: Tensor, freqs: Tensor, parts: int) -> list[Tensor]:
+    return _forward(_jit(), x, coords, freqs, parts)
 
 
 @_rope_op.register_fake
@@ -141,10 +159,7 @@ def _(x, coords, freqs, parts):
 
 @torch.library.custom_op("capi_lab::rope_backward", mutates_args=())
 def _rope_backward_op(grads: list[Tensor], coords: Tensor, freqs: Tensor) -> Tensor:
-    b, t, hp, d = grads[0].shape
-    dx = grads[0].new_empty((b, t, hp * len(grads), d))
-    _launch(grads, [dx[:, :, i * hp : (i + 1) * hp] for i in range(len(grads))], coords, freqs, inverse=True)
-    return dx
+    return _backward(_jit(), grads, coords, freqs)
 
 
 @_rope_backward_op.register_fake
@@ -153,19 +168,33 @@ def _(grads, coords, freqs):
     return grads[0].new_empty((b, t, hp * len(grads), d))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, coords, freqs, parts = inputs
-    ctx.save_for_backward(coords, freqs)
-    ctx.part_shape = output[0].shape
+# The traceable ops (TRACEABLE): the same, with the kernel visible to torch.compile.
+@torch.library.triton_op("capi_lab::rope_traceable", mutates_args=())
+def _rope_traceable_op(x: Tensor, coords: Tensor, freqs: Tensor, parts: int) -> list[Tensor]:
+    return _forward(torch.library.wrap_triton(_jit()), x, coords, freqs, parts)
 
 
-def _backward(ctx, grads):
-    coords, freqs = ctx.saved_tensors
-    grads = [g if g is not None else coords.new_zeros(ctx.part_shape) for g in grads]
-    return _rope_backward_op(grads, coords, freqs), None, None, None
+@torch.library.triton_op("capi_lab::rope_backward_traceable", mutates_args=())
+def _rope_backward_traceable_op(grads: list[Tensor], coords: Tensor, freqs: Tensor) -> Tensor:
+    return _backward(torch.library.wrap_triton(_jit()), grads, coords, freqs)
 
 
-_rope_op.register_autograd(_backward, setup_context=_setup_context)
+def _register_autograd(op, backward_op) -> None:
+    def setup_context(ctx, inputs, output) -> None:
+        x, coords, freqs, parts = inputs
+        ctx.save_for_backward(coords, freqs)
+        ctx.part_shape = output[0].shape
+
+    def backward(ctx, grads):
+        coords, freqs = ctx.saved_tensors
+        grads = [g if g is not None else coords.new_zeros(ctx.part_shape) for g in grads]
+        return backward_op(grads, coords, freqs), None, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_autograd(_rope_op, _rope_backward_op)
+_register_autograd(_rope_traceable_op, _rope_backward_traceable_op)
 
 
 def rotate(x: Tensor, coords: Tensor, freqs: Tensor, parts: int = 1) -> list[Tensor]:
@@ -181,7 +210,7 @@ def rotate(x: Tensor, coords: Tensor, freqs: Tensor, parts: int = 1) -> list[Ten
             f"RoPE of x {tuple(x.shape)} needs a head dim divisible by 4, coords of shape {(b, t, 2)} "
             f"and freqs of shape {(2, d)}; got coords {tuple(coords.shape)} and freqs {tuple(freqs.shape)}"
         )
-    return _rope_op(x, coords, freqs, parts)
+    return (_rope_traceable_op if TRACEABLE else _rope_op)(x, coords, freqs, parts)
 
 
 __all__ = ["available", "rotate"]

@@ -49,9 +49,11 @@ def test_kernel_matches_pytorch(layout, dtype, parts, hd):
 
 
 @pytest.mark.parametrize("layout", ["capi", "rotation"])
-def test_backward_is_the_transposed_map(layout):
+@pytest.mark.parametrize("traceable", [False, True])
+def test_backward_is_the_transposed_map(layout, traceable, monkeypatch):
     """Autograd of the PyTorch form, for both parts and when only one part is used (the other's gradient is
-    then None inside the op's backward)."""
+    then None inside the op's backward); through either registration of the ops."""
+    monkeypatch.setattr(fused_rope, "TRACEABLE", traceable)
     x, coords, rope = _inputs(2, 19, 4, 8, torch.float32, layout, seed=1)
     grads = [torch.randn(2, 19, 2, 8, device=DEVICE) for _ in range(2)]
     for used in ([0, 1], [1]):
@@ -74,7 +76,10 @@ def test_custom_op_registration():
         torch.library.opcheck(torch.ops.capi_lab.rope.default, (x, coords, rope.freqs, parts))
 
 
-def test_compiles_as_one_custom_op(no_shape_checks):
+# Triton's interpreter cannot be traced, so the traceable ops compile on a GPU only
+@pytest.mark.parametrize("traceable", [False, pytest.param(True, marks=pytest.mark.gpu)])
+def test_compiles_as_one_custom_op(no_shape_checks, traceable, monkeypatch):
+    monkeypatch.setattr(fused_rope, "TRACEABLE", traceable)
     x, coords, rope = _inputs(2, 9, 4, 8, torch.float32, seed=2)
 
     def forward(x):

@@ -89,11 +89,15 @@ def test_cuda_graph_replays_redraw_stochastic_depth(no_shape_checks):
         assert len(replayed) >= 4 if drop else len(replayed) == 1, (drop, losses)
 
 
-def test_fused_rope_step_matches_pytorch_rope(monkeypatch, no_shape_checks):
-    """The compiled training step with RoPE as the Triton kernel (the CUDA default) and in PyTorch: the same
-    losses, and the kernel is what the first one traced."""
+@pytest.mark.parametrize("traceable", [False, True])
+def test_fused_rope_step_matches_pytorch_rope(monkeypatch, no_shape_checks, traceable):
+    """The compiled training step with RoPE as the Triton kernel (the CUDA default; also its traceable
+    registration, which Inductor launches itself) and in PyTorch: the same losses, and the kernel is what
+    the first one traced."""
     from capi_lab import fused_rope
     from capi_lab.train import train_step
+
+    monkeypatch.setattr(fused_rope, "TRACEABLE", traceable)
 
     traced = []
     monkeypatch.setattr(fused_rope, "rotate", lambda *a, f=fused_rope.rotate: traced.append(a) or f(*a))
