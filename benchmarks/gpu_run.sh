@@ -9,8 +9,9 @@
 #             best tiles the later steps use
 #   b16       training step, ViT-B/16 batch 256, compiled (kernel table, trace and its GPU-gap analysis)
 #   b16cg     the same with CUDA graphs (--cuda-graphs)
-#   b16rope0  ViT-B/16 compiled with RoPE in PyTorch (--rope pytorch): the fused RoPE kernel's share of b16
-#   b16ropet  ViT-B/16 compiled with the RoPE kernel launched by Inductor (--rope traceable: less host time)
+#   b16rope   ViT-B/16 compiled with the fused RoPE kernel (--rope fused; off by default until timed)
+#   b16ropet  the same kernel launched by Inductor (--rope traceable: less host time per call)
+#   b16cgrope CUDA graphs and the fused RoPE kernel
 #   b16combo  ViT-B/16 compiled with Inductor's combo kernels (small independent kernels fused into one launch)
 #   l14       training step, ViT-L/14 batch 128, compiled
 #   l14cg     the same with CUDA graphs
@@ -29,13 +30,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 python3 -c "import torch, lightning, timm, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env_tests.txt"
 B=benchmarks/train_throughput.py
 BLOCKS=()
+ROPE_OK=1
 bench() { local t=$1; shift
   timeout "$t" python3 $B "$@" --steps 20 --warmup 4 2>>"$OUT/err.txt" | tee -a "$OUT/bench.jsonl" \
     || { echo "FAILED: $*"; tail -5 "$OUT/err.txt"; }; }
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
   | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
-for step in "${@:-sweep tests rope b16 b16rope0 b16ropet b16cg b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
+for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
@@ -48,10 +50,12 @@ for step in "${@:-sweep tests rope b16 b16rope0 b16ropet b16cg b16combo l14 l14c
   rope) timeout 120 python3 benchmarks/rope_kernel.py --sweep --best-out /tmp/rope_blocks.json 2>>"$OUT/err.txt" \
           | tee -a "$OUT/kernels.jsonl"
         if [ "${PIPESTATUS[0]}" = 0 ]; then BLOCKS+=(--rope-blocks /tmp/rope_blocks.json)
-        else echo "RoPE kernel failed: the later steps use CAPI_LAB_FUSED_ROPE=0"; tail -5 "$OUT/err.txt"
-          export CAPI_LAB_FUSED_ROPE=0; fi ;;
-  b16rope0) bench 150 --preset vit_b16 --batch-size 256 --compile --rope pytorch "${BLOCKS[@]}" ;;
-  b16ropet) bench 150 --preset vit_b16 --batch-size 256 --compile --rope traceable "${BLOCKS[@]}" ;;
+        else echo "RoPE kernel failed: the steps with it are skipped"; tail -5 "$OUT/err.txt"; ROPE_OK=0; fi ;;
+  b16rope) [ "$ROPE_OK" = 1 ] && bench 150 --preset vit_b16 --batch-size 256 --compile --rope fused "${BLOCKS[@]}" ;;
+  b16ropet) [ "$ROPE_OK" = 1 ] && bench 150 --preset vit_b16 --batch-size 256 --compile --rope traceable \
+              "${BLOCKS[@]}" ;;
+  b16cgrope) [ "$ROPE_OK" = 1 ] && bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs \
+               --rope fused "${BLOCKS[@]}" ;;
   b16combo) bench 170 --preset vit_b16 --batch-size 256 --compile --inductor combo_kernels=True "${BLOCKS[@]}" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;
   l14cg) bench 190 --preset vit_l14 --batch-size 128 --compile --cuda-graphs "${BLOCKS[@]}" ;;

@@ -54,6 +54,7 @@ def main() -> None:
         return rope.split(x, coords, 2)
 
     compiled = torch.compile(pytorch_form) if cuda else pytorch_form
+    enabled = fused_rope.ENABLED
 
     def runner(fused: bool, qkv, coords, grads):
         def run():
@@ -94,7 +95,7 @@ def main() -> None:
                               "fused_GBps": round(gb / ms * 1e3, 1),
                               "speedup": round(row["pytorch_compiled_ms"] / ms, 2)}))  # fmt: skip
         fused_rope.BLOCKS.update(default)
-    fused_rope.ENABLED = True
+    fused_rope.ENABLED = enabled
     block_t, warps = min(totals, key=totals.get)
     best = {"BLOCK_T": block_t, "num_warps": warps}
     print(json.dumps({"best_rope_blocks": best, "fused_ms_both_shapes": round(totals[block_t, warps], 4)}))

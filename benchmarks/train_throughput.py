@@ -77,11 +77,11 @@ def main() -> None:
     )
     p.add_argument(
         "--rope",
-        default="fused",
+        default=None,
         choices=["fused", "traceable", "pytorch"],
-        help="'fused': the library default on CUDA (one Triton kernel for q and k, capi_lab.fused_rope); "
-        "'traceable': the same kernel launched by Inductor's generated code (fused_rope.TRACEABLE); "
-        "'pytorch': Rope's PyTorch form, compiled with the rest of the step",
+        help="'fused': one Triton kernel for q and k (capi_lab.fused_rope, CAPI_LAB_FUSED_ROPE=1); "
+        "'traceable': the same kernel launched by Inductor's generated code (CAPI_LAB_FUSED_ROPE=traceable); "
+        "'pytorch': Rope's PyTorch form, compiled with the rest of the step. Default: the library's setting",
     )
     p.add_argument("--rope-blocks", default=None, help="JSON file of fused_rope.BLOCKS (from rope_kernel.py)")
     p.add_argument(
@@ -106,9 +106,9 @@ def main() -> None:
         fc.ENABLED = False
     import capi_lab.fused_rope as fr
 
-    if args.rope == "pytorch":  # (CAPI_LAB_FUSED_ROPE=0 in the environment also switches the kernel off)
-        fr.ENABLED = False
-    fr.TRACEABLE = args.rope == "traceable"
+    if args.rope is not None:
+        fr.ENABLED = args.rope != "pytorch"
+        fr.TRACEABLE = args.rope == "traceable"
     if args.rope_blocks:
         with open(args.rope_blocks) as f:
             fr.BLOCKS.update(json.load(f))
@@ -194,7 +194,7 @@ def main() -> None:
         "cuda_graphs": tr.cuda_graphs,
         "inductor": inductor_options or None,
         "sinkhorn": args.sinkhorn if device == "cuda" or args.sinkhorn != "fused" else "single-pass (no CUDA)",
-        "rope": args.rope if fr.ENABLED and device == "cuda" else "pytorch",
+        "rope": ("traceable" if fr.TRACEABLE else "fused") if fr.ENABLED and device == "cuda" else "pytorch",
         "rope_blocks": fr.BLOCKS if fr.ENABLED and device == "cuda" else None,
         "kernel_blocks": fc.BLOCKS if args.sinkhorn == "fused" and device == "cuda" else None,
         "precision": precision,

@@ -14,8 +14,9 @@ the backward needs a copy to split or join them.
 The forward is :func:`rotate` (a ``torch.library`` custom op with its own backward: the transposed map, by
 the same kernel with the sines swapped and negated), so a ``torch.compile``d step calls the kernel as one
 opaque node. Like :mod:`capi_lab.fused_clustering`, the kernel runs on CUDA tensors, and on CPU tensors
-through Triton's interpreter (how the CPU test suite checks it). Set ``CAPI_LAB_FUSED_ROPE=0`` to use the
-PyTorch form.
+through Triton's interpreter (how the CPU test suite checks it).
+
+Not yet timed on a GPU, so it is off by default: ``CAPI_LAB_FUSED_ROPE=1`` switches it on.
 """
 
 import functools
@@ -84,14 +85,17 @@ def _jit():
     return triton.jit(inspect.unwrap(globals()["_rope"]))
 
 
-ENABLED = triton is not None and os.environ.get("CAPI_LAB_FUSED_ROPE", "1") != "0"
-"""Use the kernel for CUDA tensors (read once from ``CAPI_LAB_FUSED_ROPE``; may be set directly)."""
+_MODE = os.environ.get("CAPI_LAB_FUSED_ROPE", "0")
 
-TRACEABLE = os.environ.get("CAPI_LAB_FUSED_ROPE", "1") == "traceable"
-"""Register-and-launch variant (``CAPI_LAB_FUSED_ROPE=traceable``; may be set directly). By default the kernel
-sits behind an opaque custom op, which a compiled step calls through the dispatcher and Triton's launcher.
-With this, :func:`torch.library.triton_op` lets Inductor see the kernel and launch it from its generated code,
-with less host time per call. For CUDA only: Triton's interpreter cannot be traced."""
+ENABLED = triton is not None and _MODE in ("1", "traceable")
+"""Use the kernel for CUDA tensors: off until it has been timed on a GPU; ``CAPI_LAB_FUSED_ROPE=1`` (or
+``traceable``) switches it on (read once at import; may be set directly)."""
+
+TRACEABLE = _MODE == "traceable"
+"""How the kernel is registered. By default it sits behind an opaque custom op, which a compiled step calls
+through the dispatcher and Triton's launcher. With ``CAPI_LAB_FUSED_ROPE=traceable``,
+:func:`torch.library.triton_op` lets Inductor see the kernel and launch it from its generated code, with less
+host time per call. Compiled, that works on CUDA only: Triton's interpreter cannot be traced."""
 
 BLOCKS = {"BLOCK_T": 16, "num_warps": 4}
 """Tokens per program and warps (``benchmarks/rope_kernel.py`` times alternatives)."""
