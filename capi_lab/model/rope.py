@@ -118,8 +118,9 @@ class Rope(nn.Module):
         if fused_rope.available(x, coords, self.freqs):
             return tuple(fused_rope.rotate(x, coords, self.freqs, parts))
         angle = self.angles(coords).unsqueeze(2)  # (b, t, 1, hd): shared by all heads
-        out = (x * angle.cos() + rotate_half(x) * angle.sin()).to(x.dtype)
-        return out.chunk(parts, dim=2)
+        cos, sin = angle.cos(), angle.sin()
+        # each part on its own, so that each comes out as its own tensor, laid out (b, t, heads, hd)
+        return tuple((p * cos + rotate_half(p) * sin).to(x.dtype) for p in x.chunk(parts, dim=2))
 
 
 def gather_tokens(x: Float[Tensor, "b n *d"], idx: Int[Tensor, "b m"]) -> Float[Tensor, "b m *d"]:
