@@ -13,6 +13,8 @@
 #   b16ropet  the same kernel launched by Inductor (--rope traceable: less host time per call)
 #   b16cgrope CUDA graphs and the fused RoPE kernel
 #   b16combo  ViT-B/16 compiled with Inductor's combo kernels (small independent kernels fused into one launch)
+#   b16cpp    ViT-B/16 compiled with Inductor's C++ wrapper (cpp_wrapper: less host time per launch, any
+#             number of processes, unlike CUDA graphs)
 #   l14       training step, ViT-L/14 batch 128, compiled
 #   l14cg     the same with CUDA graphs
 #   baseline  ViT-B/16 again with the compiled PyTorch Sinkhorn instead of the kernels (same machine)
@@ -37,7 +39,7 @@ bench() { local t=$1; shift
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
   | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
-for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
+for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16cpp b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
@@ -57,6 +59,7 @@ for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16combo
   b16cgrope) [ "$ROPE_OK" = 1 ] && bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs \
                --rope fused "${BLOCKS[@]}" ;;
   b16combo) bench 170 --preset vit_b16 --batch-size 256 --compile --inductor combo_kernels=True "${BLOCKS[@]}" ;;
+  b16cpp) bench 240 --preset vit_b16 --batch-size 256 --compile --inductor cpp_wrapper=True "${BLOCKS[@]}" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;
   l14cg) bench 190 --preset vit_l14 --batch-size 128 --compile --cuda-graphs "${BLOCKS[@]}" ;;
   baseline) bench 130 --preset vit_b16 --batch-size 256 --compile --sinkhorn single-pass ;;
