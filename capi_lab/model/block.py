@@ -37,7 +37,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, dim, bias=False)
         self.v_proj = nn.Linear(kv_dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.rope = Rope(dim // num_heads, **(rope or {}))
+        self.rope = Rope(self.head_dim, **(rope or {}))
 
     def _heads(self, t: Tensor) -> Tensor:
         return t.unflatten(-1, (-1, self.head_dim))  # (b, n, heads, hd): token-major, a view
