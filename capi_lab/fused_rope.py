@@ -13,8 +13,9 @@ the backward needs a copy to split or join them.
 
 The forward is :func:`rotate` (a ``torch.library`` custom op with its own backward: the transposed map, by
 the same kernel with the sines swapped and negated), so a ``torch.compile``d step calls the kernel as one
-opaque node, or, with :data:`TRACEABLE`, launches it from Inductor's generated code. Like :mod:`capi_lab.fused_clustering`, the kernel runs on CUDA tensors, and on CPU tensors
-through Triton's interpreter (how the CPU test suite checks it).
+opaque node, or, with :data:`TRACEABLE`, launches it from Inductor's generated code. Like
+:mod:`capi_lab.fused_clustering`, the kernel runs on CUDA tensors, and on CPU tensors through Triton's
+interpreter (how the CPU test suite checks it).
 
 Not yet timed on a GPU, so it is off by default: ``CAPI_LAB_FUSED_ROPE=1`` switches it on.
 """
