@@ -27,12 +27,13 @@ kernels as one opaque node. Set ``CAPI_LAB_FUSED_SINKHORN=0`` to use the compile
 """
 
 import functools
-import inspect
 import os
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from capi_lab import triton_support
 
 try:
     import triton
@@ -65,8 +66,8 @@ if triton is not None:
         return offs_k, kmask, x, lu
 
     # the row kernels call these, so they are Triton functions themselves (unwrapped: see _jit)
-    _program_tokens = triton.jit(inspect.unwrap(_program_tokens))
-    _tile = triton.jit(inspect.unwrap(_tile))
+    _program_tokens = triton_support.jit(_program_tokens)
+    _tile = triton_support.jit(_tile)
 
     def _col_lse(x_ptr, lv_ptr, m_ptr, s_ptr, B, N, K: tl.constexpr, rows_per_split: tl.constexpr, scale,
                  HAS_LV: tl.constexpr, FINISH: tl.constexpr, NEG: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -189,20 +190,12 @@ if triton is not None:
 
 @functools.cache
 def _jit(name: str):
-    # unwrap: under the test suite's jaxtyping/beartype import hook the module's functions are wrappers, and
-    # Triton compiles a function's own source against its own globals
-    return triton.jit(inspect.unwrap(globals()[name]))
+    return triton_support.jit(globals()[name])
 
 
 def _kernel(name: str, x: Tensor):
-    """The kernel ``name`` for tensors like ``x``: compiled by Triton for CUDA tensors; for CPU tensors, run
-    by Triton's interpreter, which must be switched on before Triton is imported (``TRITON_INTERPRET=1``,
-    as the test suite does on machines without a GPU)."""
-    if not x.is_cuda and not triton.knobs.runtime.interpret:
-        raise RuntimeError(
-            "capi_lab's fused Sinkhorn kernels run on CUDA tensors; on the CPU they need Triton's interpreter "
-            "(set TRITON_INTERPRET=1 before anything imports triton), or use capi_lab.sinkhorn.teacher_targets"
-        )
+    """The kernel ``name`` for tensors like ``x`` (CUDA, or CPU through Triton's interpreter)."""
+    triton_support.check_runnable(x, "fused Sinkhorn", "use capi_lab.sinkhorn.teacher_targets")
     return _jit(name)
 
 
@@ -284,10 +277,7 @@ def _as_tokens(logits: Tensor, positionwise: bool) -> Tensor:
 def _teacher_op(
     logits: Tensor, dest: Tensor, n_out: int, target_temp: float, student_temp: float, n_iter: int, positionwise: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if triton is None:
-        raise RuntimeError(
-            "capi_lab's fused Sinkhorn needs Triton: pip install triton, or set CAPI_LAB_FUSED_SINKHORN=0"
-        )
+    triton_support.check_runnable(logits, "fused Sinkhorn", "set CAPI_LAB_FUSED_SINKHORN=0")
     b, n, k = logits.shape
     x = _as_tokens(logits, positionwise)
     B, N, K = x.shape

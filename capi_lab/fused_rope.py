@@ -21,11 +21,12 @@ Not yet timed on a GPU, so it is off by default: ``CAPI_LAB_FUSED_ROPE=1`` switc
 """
 
 import functools
-import inspect
 import os
 
 import torch
 from torch import Tensor
+
+from capi_lab import triton_support
 
 try:
     import triton
@@ -42,7 +43,7 @@ if triton is not None:
         tl.store(o_ptr, (x1 * cos_a - x2 * sin_a).to(o_ptr.dtype.element_ty), mask=mask)
         tl.store(o_ptr + HALF, (x2 * cos_b + x1 * sin_b).to(o_ptr.dtype.element_ty), mask=mask)
 
-    _rotate_pair = triton.jit(inspect.unwrap(_rotate_pair))  # called by the kernel (see _jit)
+    _rotate_pair = triton_support.jit(_rotate_pair)  # called by the kernel
 
     def _rope(x0_ptr, x1_ptr, o0_ptr, o1_ptr, c_ptr, f_ptr, T, HEADS, sx0_b, sx0_t, sx0_h, sx1_b, sx1_t, sx1_h,
               so_b, so_t, so_h, sc_b, sc_t, sc_c, HALF: tl.constexpr, PARTS: tl.constexpr, INVERSE: tl.constexpr,
@@ -81,9 +82,7 @@ if triton is not None:
 
 @functools.cache
 def _jit():
-    # unwrap: under the test suite's jaxtyping/beartype import hook the module's functions are wrappers, and
-    # Triton compiles a function's own source against its own globals
-    return triton.jit(inspect.unwrap(globals()["_rope"]))
+    return triton_support.jit(globals()["_rope"])
 
 
 _MODE = os.environ.get("CAPI_LAB_FUSED_ROPE", "0")
@@ -115,13 +114,7 @@ def available(x: Tensor, coords: Tensor, freqs: Tensor) -> bool:
 
 
 def _launch(kernel, xs: list[Tensor], outs: list[Tensor], coords: Tensor, freqs: Tensor, inverse: bool) -> None:
-    if triton is None:
-        raise RuntimeError("capi_lab's fused RoPE needs Triton: pip install triton, or set CAPI_LAB_FUSED_ROPE=0")
-    if not xs[0].is_cuda and not triton.knobs.runtime.interpret:
-        raise RuntimeError(
-            "capi_lab's fused RoPE kernel runs on CUDA tensors; on the CPU it needs Triton's interpreter "
-            "(set TRITON_INTERPRET=1 before anything imports triton), or use capi_lab.model.rope.Rope"
-        )
+    triton_support.check_runnable(xs[0], "fused RoPE", "use capi_lab.model.rope.Rope (CAPI_LAB_FUSED_ROPE unset)")
     xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
     x0, x1 = xs[0], xs[-1]
     o0, o1 = outs[0], outs[-1]
