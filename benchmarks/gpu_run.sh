@@ -5,6 +5,8 @@
 #   sweep     fused Sinkhorn kernels alone: agreement at full scale, timings vs compiled PyTorch, tile sweep
 #   kernels   the same without the sweep and the PyTorch baseline (quick)
 #   tests     the GPU tests and the fused-kernel tests on CUDA
+#   cgtests   only the GPU tests of --cuda-graphs (same losses as without graphs, no graph skipped, stochastic
+#             depth redrawn on every replay): what making CUDA graphs the default needs
 #   rope      the fused RoPE kernel alone against Inductor's kernel for the PyTorch form; a tile sweep whose
 #             best tiles the later steps use
 #   b16       training step, ViT-B/16 batch 256, compiled (kernel table, trace and its GPU-gap analysis)
@@ -34,7 +36,7 @@ B=benchmarks/train_throughput.py
 BLOCKS=()
 ROPE_OK=1
 bench() { local t=$1; shift
-  timeout "$t" python3 $B "$@" --steps 20 --warmup 4 2>>"$OUT/err.txt" | tee -a "$OUT/bench.jsonl" \
+  timeout "$t" python3 $B "$@" --steps 20 --rounds 3 --warmup 4 2>>"$OUT/err.txt" | tee -a "$OUT/bench.jsonl" \
     || { echo "FAILED: $*"; tail -5 "$OUT/err.txt"; }; }
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
@@ -45,6 +47,8 @@ for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16cpp b
   kernels) kernels 60 --no-baseline ;;
   tests) timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_fused_clustering.py \
            tests/test_fused_rope.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/env_tests.txt" ;;
+  cgtests) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k cuda_graph -p no:cacheprovider 2>&1 \
+             | tail -15 | tee -a "$OUT/env_tests.txt" ;;
   b16) bench 150 --preset vit_b16 --batch-size 256 --compile "${BLOCKS[@]}" --profile "$OUT/profile_b16.txt" \
          --trace "$OUT/trace_b16.json.gz"; gaps "$OUT/trace_b16.json.gz" ;;
   b16cg) bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs "${BLOCKS[@]}" \

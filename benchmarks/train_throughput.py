@@ -3,8 +3,9 @@
     python benchmarks/train_throughput.py --preset vit_l14 --batch-size 128 --compile
     python benchmarks/train_throughput.py --preset tiny --batch-size 256 --device cpu
 
-Prints one JSON line: images/s (median over timed steps), step time percentiles, peak device memory
-and achieved TFLOP/s (FLOPs of one step counted with torch.utils.flop_counter on the eager step).
+Prints one JSON line: images/s (median over timed steps; with --rounds, also each round's), step time
+percentiles, peak device memory and achieved TFLOP/s (FLOPs of one step counted with
+torch.utils.flop_counter on the eager step), and with --cuda-graphs how many graphs Inductor declined.
 The step is capi_lab.train.train_step, the very function the trainer runs (teacher forward,
 clustering loss and backward, student forward/backward, AdamW, EMA, clustering-optimizer step).
 """
@@ -60,7 +61,14 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="with --compile: replay the steps as CUDA graphs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "32-true"])
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (per round)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the steps this many times in a row (compiled once): each round's images/s is reported, so "
+        "one run shows the spread between timing windows; images/s is the median step over all rounds",
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--profile", default=None, help="write a table of the top kernels of 3 profiled steps here")
@@ -95,6 +103,8 @@ def main() -> None:
         help="set torch._inductor.config.KEY (repeatable), e.g. combo_kernels=True to fuse small independent kernels",
     )
     args = p.parse_args()
+    if args.steps < 2 or args.rounds < 1:
+        raise SystemExit("error: --steps must be at least 2 (percentiles) and --rounds at least 1")
     inductor_options = dict(_inductor_option(o) for o in args.inductor)
     import torch._inductor.config as inductor_config
 
@@ -141,6 +151,9 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         train_step(tr, images, masks[1])
     flops = counter.get_total_flops()
+    from torch._dynamo.utils import counters
+
+    skips_before = counters["inductor"]["cudagraph_skips"]
     if args.compile:
         del tr
         tr = build_trainer(fabric, cfg, max_steps=10**6, compile=True, cuda_graphs=args.cuda_graphs)
@@ -156,12 +169,15 @@ def main() -> None:
     warmup_s = time.perf_counter() - t_compile
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        out = train_step(tr, images, masks[i % 4])
-        sync()
-        times.append(time.perf_counter() - t0)
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append([])
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            out = train_step(tr, images, masks[i % 4])
+            sync()
+            rounds[-1].append(time.perf_counter() - t0)
+    times = [t for r in rounds for t in r]
     loss = float(out["capi_loss"])
     # the same steps back to back with one synchronisation at the end, as the trainer runs them (it never
     # waits for the GPU between steps): shows how much of the per-step time is host-side gap
@@ -192,6 +208,9 @@ def main() -> None:
         "image_size": cfg.image_size,
         "compile": args.compile,
         "cuda_graphs": tr.cuda_graphs,
+        # graphs Inductor declined to build (the reason is logged): with --cuda-graphs anything but 0 means
+        # part of the step ran without them
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before if tr.cuda_graphs else None,
         "inductor": inductor_options or None,
         "sinkhorn": args.sinkhorn if device == "cuda" or args.sinkhorn != "fused" else "single-pass (no CUDA)",
         "rope": ("traceable" if fr.TRACEABLE else "fused") if fr.ENABLED and device == "cuda" else "pytorch",
@@ -203,6 +222,7 @@ def main() -> None:
         "step_ms_median": round(med * 1e3, 2),
         "step_ms_p10": round(q[0] * 1e3, 2),
         "step_ms_p90": round(q[-1] * 1e3, 2),
+        "images_per_s_rounds": [round(b / statistics.median(r), 1) for r in rounds] if args.rounds > 1 else None,
         "images_per_s_back_to_back": round(b / back_to_back, 1),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
         "tflop_per_step": round(flops / 1e12, 3),

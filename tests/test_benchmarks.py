@@ -1,11 +1,24 @@
-"""The benchmark helpers that run on the CPU: the GPU-gap analysis of a profiler trace."""
+"""The benchmarks as they run on a CPU: the GPU-gap analysis of a profiler trace, the RoPE kernel's
+interpreter run, the training-step throughput."""
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks.trace_gaps import gpu_gaps, load_events
+
+
+def _run_on_cpu(script, *args):
+    """``python SCRIPT ARGS`` from the repository root as a newcomer runs it, with no GPU visible."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU run, on a GPU machine too
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, script, *args]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _x(cat, name, ts, dur, tid=1, corr=None):
@@ -63,16 +76,7 @@ def test_short_gaps_are_idle_but_not_listed_and_cpu_traces_are_refused(tmp_path)
 def test_rope_kernel_benchmark_runs_and_agrees():
     """benchmarks/rope_kernel.py as a newcomer runs it on a machine without a GPU: through Triton's
     interpreter on small shapes, one JSON line per shape, the kernel agreeing with the PyTorch form."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU smoke run, on a GPU machine too
-    out = subprocess.run(
-        [sys.executable, "benchmarks/rope_kernel.py"], cwd=root, capture_output=True, text=True, timeout=300, env=env
-    )
+    out = _run_on_cpu("benchmarks/rope_kernel.py")
     assert out.returncode == 0, out.stderr[-2000:]
     *rows, best = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["shape"] for r in rows] == ["teacher", "student"]
@@ -80,3 +84,33 @@ def test_rope_kernel_benchmark_runs_and_agrees():
     for r in rows:
         assert r["max_abs_diff"] < 1e-5 and r["fused_ms"] > 0
     assert rows[1]["grad_max_abs_diff"] < 1e-5
+
+
+def test_train_throughput_prints_one_json_line_with_every_round():
+    out = _run_on_cpu("benchmarks/train_throughput.py", "--preset", "tiny", "--batch-size", "8", "--device", "cpu",
+                      "--steps", "3", "--warmup", "1", "--rounds", "2")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (line,) = out.stdout.splitlines()
+    r = json.loads(line)
+    assert (r["preset"], r["batch_size"], r["image_size"]) == ("tiny", 8, 28) and r["device"].startswith("cpu")
+    assert len(r["images_per_s_rounds"]) == 2 and all(x > 0 for x in r["images_per_s_rounds"])
+    assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+    assert r["images_per_s"] == pytest.approx(8 / r["step_ms_median"] * 1e3, rel=1e-2)
+    assert r["tflop_per_step"] > 0 and r["loss_finite"] and r["cuda_graphs"] is False
+    bad = _run_on_cpu("benchmarks/train_throughput.py", "--preset", "tiny", "--device", "cpu", "--steps", "1")
+    assert bad.returncode != 0 and "--steps must be at least 2" in bad.stderr
+
+
+def test_gpu_run_script_parses_and_every_documented_step_exists():
+    """benchmarks/gpu_run.sh runs on a GPU machine with minutes to spare: a typo in a step name or a syntax error
+    would cost a device run, so its header, its default list and its cases must agree, and bash must parse it."""
+    import re
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_run.sh"
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    text = path.read_text()
+    documented = re.findall(r"^#   (\w+) ", text, flags=re.M)
+    cases = set(re.findall(r"^  (\w+)\)", text, flags=re.M))
+    (default,) = re.findall(r'"\$\{@:-([\w ]+)\}"', text)
+    assert len(documented) >= 10 and set(documented) == cases
+    assert set(default.split()) <= cases
