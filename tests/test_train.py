@@ -276,6 +276,61 @@ def test_cuda_graphs_flag_is_checked_and_falls_back_off_gpu(images, tmp_path, ca
     assert not tr.cuda_graphs and "running without them" in caplog.text
 
 
+@pytest.mark.slow
+def test_compiled_steps_give_cuda_graphs_no_reason_to_skip(monkeypatch, no_shape_checks):
+    """--cuda-graphs can only be timed on a GPU, but whether Inductor will refuse a graph is decided from the
+    graph: an op it cannot capture, an input it mutates that is not a parameter, an input that is not a tensor.
+    Judged here on the CPU, on the GPU code path (the fused Sinkhorn and RoPE kernels, through the interpreter):
+    Inductor is told that CPU nodes are fine and each graph's verdict is recorded where the graphs would be
+    built. Whole graphs, without graph partitioning, which would otherwise run an offending op outside them.
+    (A stray CPU tensor cannot be told apart here: tests/test_gpu.py counts the skips on a GPU.)"""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.cudagraph_utils as cudagraph_utils
+    import torch._inductor.output_code as output_code
+
+    from capi_lab import fused_clustering, fused_rope
+    from capi_lab.masking import MaskBatch, sample_masks
+
+    verdicts = []
+
+    def record(example_inputs, compiled_graph, cudagraphs, constants, boxed_device_index):
+        static = set(compiled_graph.fx_kwargs["static_input_idxs"] or ())
+        info = compiled_graph.cudagraph_info
+        verdicts.append({
+            "backward": compiled_graph.fx_kwargs["is_backward"],
+            "disabled": compiled_graph.disabled_cudagraphs_reason,
+            "fail_reasons": info.cudagraph_fail_reasons if info else "not checked",
+            "mutated_inputs": [info.placeholders[i].name for i in compiled_graph.mutated_input_idxs if i not in static],
+        })  # fmt: skip
+
+    monkeypatch.setattr(cudagraph_utils, "check_multiple_devices_or_any_cpu_nodes", lambda nodes: None)
+    monkeypatch.setattr(output_code, "cudagraph_post_compile", record)
+    monkeypatch.setattr(inductor_config.triton, "cudagraphs", True)  # what mode="reduce-overhead" sets
+    monkeypatch.setattr(inductor_config, "graph_partition", False)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # the verdicts are made while compiling
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    monkeypatch.setattr(fused_clustering, "available", lambda x: True)
+    monkeypatch.setattr(fused_rope, "available", lambda *a: True)
+    kernels = []  # which fused ops the graphs hold (traced through these)
+    for module, name in ((fused_clustering, "teacher_outputs"), (fused_rope, "rotate")):
+        monkeypatch.setattr(module, name, lambda *a, f=getattr(module, name), n=name: kernels.append(n) or f(*a))
+    cfg = capi_lab.config.with_overrides(capi_lab.config.get_preset("tiny"), batch_size=8,
+                                         **{"model.num_prototypes": 64, "model.drop_path_rate": 0.25})  # fmt: skip
+    torch._dynamo.reset()
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    try:
+        tr = train.build_trainer(train.Fabric(accelerator="cpu", devices=1, precision="32-true"), cfg, 10, True)
+        out = train.train_step(tr, torch.randn(8, 3, 28, 28), MaskBatch(*sample_masks(8, 7, 7, cfg.mask, rng=0)))
+    finally:
+        torch._dynamo.reset()
+    assert torch.isfinite(out["capi_loss"]) and set(kernels) == {"teacher_outputs", "rotate"}
+    skipped = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+    assert skipped == 0, f"Inductor declined {skipped} graph(s) while compiling (an op it cannot capture?)"
+    assert sorted(v["backward"] for v in verdicts) == [False, False, True, True]  # teacher and student steps
+    for v in verdicts:
+        assert v == {"backward": v["backward"], "disabled": None, "fail_reasons": [], "mutated_inputs": []}
+
+
 def _two_process(images, out, strategy, steps):
     cmd = [sys.executable, "-m", "capi_lab.train", *TINY, "--data", str(images), "--output-dir", str(out),
            "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "2", "--accelerator", "cpu",
