@@ -17,6 +17,8 @@
 #   b16combo  ViT-B/16 compiled with Inductor's combo kernels (small independent kernels fused into one launch)
 #   b16cpp    ViT-B/16 compiled with Inductor's C++ wrapper (cpp_wrapper: less host time per launch, any
 #             number of processes, unlike CUDA graphs)
+#   b16mxa    ViT-B/16 compiled with Inductor's autotuned Triton matrix products (max_autotune_gemm), which can
+#             take the exact-erf GELU after fc1 into the product's epilogue (slow to compile: a call of its own)
 #   l14       training step, ViT-L/14 batch 128, compiled
 #   l14cg     the same with CUDA graphs
 #   baseline  ViT-B/16 again with the compiled PyTorch Sinkhorn instead of the kernels (same machine)
@@ -64,6 +66,7 @@ for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16cpp b
                --rope fused "${BLOCKS[@]}" ;;
   b16combo) bench 170 --preset vit_b16 --batch-size 256 --compile --inductor combo_kernels=True "${BLOCKS[@]}" ;;
   b16cpp) bench 240 --preset vit_b16 --batch-size 256 --compile --inductor cpp_wrapper=True "${BLOCKS[@]}" ;;
+  b16mxa) bench 420 --preset vit_b16 --batch-size 256 --compile --inductor max_autotune_gemm=True "${BLOCKS[@]}" ;;
   l14) bench 170 --preset vit_l14 --batch-size 128 --compile "${BLOCKS[@]}" ;;
   l14cg) bench 190 --preset vit_l14 --batch-size 128 --compile --cuda-graphs "${BLOCKS[@]}" ;;
   baseline) bench 130 --preset vit_b16 --batch-size 256 --compile --sinkhorn single-pass ;;
