@@ -25,10 +25,14 @@
 #   eager     both models without torch.compile
 # Files under $OUT (at most 8 come back): env_tests.txt, bench.jsonl, gaps.jsonl, kernels.jsonl, err.txt,
 # profile_b16.txt, trace_b16.json.gz, trace_b16cg.json.gz (and blocks.json after a sweep).
-set -u
+set -u -o pipefail  # a benchmark that fails says so (its status, not tee's)
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+# GPU_RUN_DRY=1: the same plumbing on a CPU in seconds (the tiny model, two steps a round), which the tests run
+DRY=()
+[ -n "${GPU_RUN_DRY:-}" ] \
+  && DRY=(--preset tiny --batch-size 8 --image-size 28 --device cpu --steps 2 --rounds 2 --warmup 1)
+if [ -z "${GPU_RUN_DRY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
@@ -38,8 +42,8 @@ B=benchmarks/train_throughput.py
 BLOCKS=()
 ROPE_OK=1
 bench() { local t=$1; shift
-  timeout "$t" python3 $B "$@" --steps 20 --rounds 3 --warmup 4 2>>"$OUT/err.txt" | tee -a "$OUT/bench.jsonl" \
-    || { echo "FAILED: $*"; tail -5 "$OUT/err.txt"; }; }
+  timeout "$t" python3 $B "$@" --steps 20 --rounds 3 --warmup 4 "${DRY[@]}" 2>>"$OUT/err.txt" \
+    | tee -a "$OUT/bench.jsonl" || { echo "FAILED: $*"; tail -5 "$OUT/err.txt"; }; }
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
   | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
