@@ -90,7 +90,7 @@ def main() -> None:
     (ref, ref_grad), (got, got_grad) = fwd_bwd(False)(), fwd_bwd(True)()
     agreement = {
         "targets_max_abs_diff": float((ref.targets - got.targets).abs().max()),
-        "loss_diff": float(ref.clustering_loss - got.clustering_loss),
+        "loss_diff": float((ref.clustering_loss - got.clustering_loss).detach()),
         "entropy_diff": float(ref.target_entropy - got.target_entropy),
         # the two argmaxes differ only between tied rows' top prototypes (ties are the rule with B << K):
         # how far below each row's best assignment the fused kernels' choice is, on the predicted rows

@@ -118,19 +118,20 @@ def test_gpu_run_script_parses_and_every_documented_step_exists():
 
 @pytest.mark.slow
 def test_gpu_run_script_dry_run_on_the_cpu(tmp_path):
-    """GPU_RUN_DRY=1 runs the script's plumbing on the CPU with the tiny model: the RoPE tile sweep hands its
-    best tiles to the later steps, every benchmark step appends its JSON line, none fails; a wrong step name
-    stops the script with status 2."""
+    """GPU_RUN_DRY=1 runs the script's plumbing on the CPU with the tiny model: the Sinkhorn and RoPE tile
+    sweeps hand their best tiles to the later steps, every benchmark step appends its JSON line, none fails;
+    a wrong step name stops the script with status 2."""
     root = Path(__file__).parents[1]
     env = {**os.environ, "GPU_RUN_DRY": "1", "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
-    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", "rope", "b16rope", "b16cg"], cwd=root, env=env,
+    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", "sweep", "rope", "b16rope", "b16cg"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0 and "FAILED" not in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert [(r["preset"], r["compile"], len(r["images_per_s_rounds"])) for r in lines] == [("tiny", True, 2)] * 2
     sweep = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
     assert "best_rope_blocks" in sweep[-1] and (tmp_path / "trace_b16cg.json.gz").stat().st_size > 0
+    assert set(json.loads((tmp_path / "blocks.json").read_text())) == {"col", "row"}
     wrong = subprocess.run(["bash", "benchmarks/gpu_run.sh", "b16x"], cwd=root, env=env, capture_output=True,
                            text=True, timeout=120)  # fmt: skip
     assert wrong.returncode == 2 and "unknown step: b16x" in wrong.stdout
