@@ -305,10 +305,8 @@ def test_compiled_steps_give_cuda_graphs_no_reason_to_skip(monkeypatch, no_shape
 
     monkeypatch.setattr(cudagraph_utils, "check_multiple_devices_or_any_cpu_nodes", lambda nodes: None)
     monkeypatch.setattr(output_code, "cudagraph_post_compile", record)
-    monkeypatch.setattr(inductor_config.triton, "cudagraphs", True)  # what mode="reduce-overhead" sets
-    monkeypatch.setattr(inductor_config, "graph_partition", False)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # the verdicts are made while compiling
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # triton.cudagraphs is what mode="reduce-overhead" sets; the verdicts are made while compiling: no caches
+    inductor = {"triton.cudagraphs": True, "graph_partition": False, "fx_graph_cache": False}
     monkeypatch.setattr(fused_clustering, "available", lambda x: True)
     monkeypatch.setattr(fused_rope, "available", lambda *a: True)
     kernels = []  # which fused ops the graphs hold (traced through these)
@@ -319,8 +317,10 @@ def test_compiled_steps_give_cuda_graphs_no_reason_to_skip(monkeypatch, no_shape
     torch._dynamo.reset()
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     try:
-        tr = train.build_trainer(train.Fabric(accelerator="cpu", devices=1, precision="32-true"), cfg, 10, True)
-        out = train.train_step(tr, torch.randn(8, 3, 28, 28), MaskBatch(*sample_masks(8, 7, 7, cfg.mask, rng=0)))
+        with inductor_config.patch(inductor), torch._functorch.config.patch(enable_autograd_cache=False):
+            tr = train.build_trainer(train.Fabric(accelerator="cpu", devices=1, precision="32-true"), cfg, 10, True)
+            masks = MaskBatch(*sample_masks(8, 7, 7, cfg.mask, rng=0))
+            out = train.train_step(tr, torch.randn(8, 3, 28, 28), masks)
     finally:
         torch._dynamo.reset()
     assert torch.isfinite(out["capi_loss"]) and set(kernels) == {"teacher_outputs", "rotate"}
