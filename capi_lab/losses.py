@@ -17,7 +17,7 @@ from capi_lab import fused_clustering
 from capi_lab.masking import MaskBatch
 from capi_lab.model.capi import CAPIBackbone
 from capi_lab.model.heads import ClusteringHead, StudentHead
-from capi_lab.sinkhorn import teacher_targets
+from capi_lab.sinkhorn import row_chunks, teacher_targets
 
 
 def soft_cross_entropy(
@@ -82,14 +82,47 @@ def clustering_outputs(
                 logits, predict_indices, target_temp, student_temp, sinkhorn_iters, positionwise
             )
         )
+    compiled = torch.compiler.is_compiling()
     with torch.no_grad():
         q = teacher_targets(logits.detach(), target_temp, sinkhorn_iters, positionwise)
-        entropy = -torch.special.xlogy(q, q).sum(-1).mean()
+        if compiled:
+            entropy = -torch.special.xlogy(q, q).sum(-1).mean()
+        else:  # in blocks: no temporary the size of the logits (see capi_lab.sinkhorn)
+            entropy = -sum(torch.special.xlogy(c, c).sum() for c in row_chunks(q)) / (q.numel() // q.shape[-1])
         assignments = q.argmax(-1)
         targets = q if predict_indices is None else q.flatten(0, 1)[predict_indices].view(q.shape[0], -1, q.shape[-1])
-    log_p = F.log_softmax(logits.float() / student_temp, dim=-1)
-    clustering_loss = -(q * log_p).sum(-1).mean()
+    if compiled:
+        clustering_loss = -(q * F.log_softmax(logits.float() / student_temp, dim=-1)).sum(-1).mean()
+    else:
+        clustering_loss = _EagerClusteringLoss.apply(logits, q, student_temp)
     return TeacherOutput(targets, clustering_loss, assignments, entropy)
+
+
+class _EagerClusteringLoss(torch.autograd.Function):
+    """The clustering loss ``-mean_tokens sum_k q_k log softmax(x / t)_k`` for eager steps, written as
+    ``mean(sum_k(q) * logsumexp(x / t)) - sum(q * x) / (t * tokens)`` and computed in blocks of rows, with
+    the gradient ``(softmax(x / t) * sum_k(q) - q) / (t * tokens)`` built in place in one new tensor. The
+    autograd form makes about eight tensors the size of the logits, and on a CPU each costs more to
+    allocate than the arithmetic done on it. (A compiled step fuses the autograd form instead.)"""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, q: Tensor, temperature: float) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.cat([torch.logsumexp(c.to(dtype) / temperature, dim=-1) for c in row_chunks(logits)])
+        q_sum = q.reshape(lse.shape[0], -1).sum(-1, dtype=dtype)  # 1 up to rounding: Sinkhorn rows
+        dot = sum(torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
+                  for a, b in zip(row_chunks(logits), row_chunks(q)))  # fmt: skip
+        ctx.save_for_backward(logits, q, lse, q_sum)
+        ctx.temperature = temperature
+        return ((q_sum * lse).sum() - dot / temperature) / lse.numel()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, q, lse, q_sum = ctx.saved_tensors
+        t, k = ctx.temperature, logits.shape[-1]
+        g = logits.reshape(-1, k).to(lse.dtype) / t
+        g.sub_(lse[:, None]).exp_().mul_(q_sum[:, None]).sub_(q.reshape(-1, k)).mul_(grad / (t * lse.numel()))
+        return g.view(logits.shape).to(logits.dtype), None, None
 
 
 def student_step(

@@ -108,3 +108,61 @@ def test_potentials_stay_exact_and_finite_on_extreme_logits(n_iter):
     assert torch.isfinite(q).all()
     assert torch.allclose(q.double(), ref.exp(), atol=5e-5)  # fp32 rounding of logits ~600
     assert torch.allclose(q.sum(2), torch.ones(16, 3), atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 19])
+def test_eager_form_in_blocks_is_exact_on_extreme_logits_and_leaves_its_input(monkeypatch, chunk):
+    """The eager form (in place, its log-sum-exp over images a block of images at a time) against float64
+    log-space Sinkhorn, on the logits that break exp(z - max + 50), with blocks of one image and with none;
+    the caller's logits are left as they were and the result carries no gradient."""
+    import capi_lab.sinkhorn as sk
+
+    monkeypatch.setattr(sk, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 3, 64, generator=g) * 60
+    z[3] -= 600
+    z[:, :, 7] -= 600
+    z.requires_grad_()
+    before = z.detach().clone()
+    q = sk.sinkhorn_eager(z, 3)
+    ref = z.detach().double()
+    for _ in range(3):
+        ref = ref - torch.logsumexp(ref, 0, keepdim=True)
+        ref = ref - torch.logsumexp(ref, 2, keepdim=True)
+    assert torch.isfinite(q).all() and not q.requires_grad
+    assert torch.allclose(q.double(), ref.exp(), atol=5e-5)
+    assert torch.equal(z.detach(), before)
+    flat = sk.teacher_targets(z.detach() * 0.06, 0.06, positionwise=False)  # one position: blocks of tokens
+    ref = z.detach().double().reshape(48, 1, 64)
+    for _ in range(3):
+        ref = ref - torch.logsumexp(ref, 0, keepdim=True)
+        ref = ref - torch.logsumexp(ref, 2, keepdim=True)
+    assert torch.allclose(flat.double(), ref.exp().view(16, 3, 64), atol=5e-5)
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 19])
+def test_eager_clustering_outputs_equal_the_autograd_form(monkeypatch, chunk):
+    """Eager steps compute the clustering loss and entropy in blocks of rows with a hand-written gradient;
+    loss, entropy and the gradient into the logits equal the plain autograd form (float64: gradcheck too),
+    and bf16 logits get a bf16 gradient."""
+    import torch.nn.functional as F
+
+    import capi_lab.sinkhorn as sk
+    from capi_lab.losses import _EagerClusteringLoss, clustering_outputs
+
+    monkeypatch.setattr(sk, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(4, 6, 32, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    out = clustering_outputs(logits, None, 0.06, 0.12)
+    q = out.targets
+    ref_loss = -(q * F.log_softmax(logits / 0.12, dim=-1)).sum(-1).mean()
+    assert torch.allclose(out.clustering_loss, ref_loss, rtol=1e-12)
+    assert torch.allclose(out.target_entropy, -torch.special.xlogy(q, q).sum(-1).mean(), rtol=1e-6)
+    (grad,) = torch.autograd.grad(out.clustering_loss * 3, logits)
+    (ref_grad,) = torch.autograd.grad(ref_loss * 3, logits)
+    assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x: _EagerClusteringLoss.apply(x, q, 0.12), (logits,))
+    half = logits.detach().bfloat16().requires_grad_()
+    loss = _EagerClusteringLoss.apply(half, q.float(), 0.12)
+    loss.backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
