@@ -139,7 +139,7 @@ def _features(model, ds: StampSegmentation, batch_size: int, device: torch.devic
     feats, labels = [], []
     for start in tqdm(range(0, len(ds), batch_size), desc=desc, unit="batch"):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 255 for im, _ in items])
+        x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im, _ in items])
         with torch.no_grad():
             fm = model(((x - mean) / std).to(device))[2].float().cpu()
         feats.append(fm)
