@@ -111,7 +111,7 @@ class _EagerClusteringLoss(torch.autograd.Function):
         lse = torch.cat([torch.logsumexp(c.to(dtype) / temperature, dim=-1) for c in row_chunks(logits)])
         q_sum = q.reshape(lse.shape[0], -1).sum(-1, dtype=dtype)  # 1 up to rounding: Sinkhorn rows
         dot = sum(torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
-                  for a, b in zip(row_chunks(logits), row_chunks(q)))  # fmt: skip
+                  for a, b in zip(row_chunks(logits), row_chunks(q), strict=True))  # fmt: skip
         ctx.save_for_backward(logits, q, lse, q_sum)
         ctx.temperature = temperature
         return ((q_sum * lse).sum() - dot / temperature) / lse.numel()

@@ -125,7 +125,8 @@ def teacher_targets(
     logits: Float[Tensor, "b n k"], temperature: float = 0.06, n_iter: int = 3, positionwise: bool = True
 ) -> Float[Tensor, "b n k"]:
     """Soft cluster assignments of every patch token from clustering-head logits ``[images, positions, K]``:
-    each token's row sums to 1; per position, prototypes get even mass across the (global) batch."""
+    each token's row sums to 1; per position, prototypes get even mass across the (global) batch.
+    Eagerly the result carries no gradient (the method uses it as a target)."""
     z = logits.float() / temperature  # a new tensor, which the eager form balances in place
     b, n, k = z.shape
     if not positionwise:  # one axis of all tokens (of all images and ranks) to balance over
@@ -133,8 +134,8 @@ def teacher_targets(
     if torch.compiler.is_compiling():
         log_u, log_v = sinkhorn_potentials(z, n_iter)
         q = torch.exp(z + log_u + log_v)
-    else:
-        q = _balance_(z, n_iter)
+    else:  # targets: no gradient
+        q = _balance_(z.detach(), n_iter)
     return q.view(b, n, k)
 
 

@@ -138,6 +138,7 @@ def test_eager_form_in_blocks_is_exact_on_extreme_logits_and_leaves_its_input(mo
         ref = ref - torch.logsumexp(ref, 0, keepdim=True)
         ref = ref - torch.logsumexp(ref, 2, keepdim=True)
     assert torch.allclose(flat.double(), ref.exp().view(16, 3, 64), atol=5e-5)
+    assert not sk.teacher_targets(z, 1.0).requires_grad and z.grad is None
 
 
 @pytest.mark.parametrize("chunk", [5, 1 << 19])
