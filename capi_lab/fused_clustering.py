@@ -188,15 +188,16 @@ if triton is not None:
             tl.store(g_ptr + rows[:, None] * K + offs_k[None, :], (g * c).to(g_ptr.dtype.element_ty), mask=mask)
 
 
+def _check_runnable(x: Tensor) -> None:
+    """Once per op, before anything uses Triton: CUDA tensors, or CPU tensors through Triton's interpreter."""
+    triton_support.check_runnable(
+        x, "fused Sinkhorn", "set CAPI_LAB_FUSED_SINKHORN=0 (or use capi_lab.sinkhorn.teacher_targets)"
+    )
+
+
 @functools.cache
 def _jit(name: str):
     return triton_support.jit(globals()[name])
-
-
-def _kernel(name: str, x: Tensor):
-    """The kernel ``name`` for tensors like ``x`` (CUDA, or CPU through Triton's interpreter)."""
-    triton_support.check_runnable(x, "fused Sinkhorn", "use capi_lab.sinkhorn.teacher_targets")
-    return _jit(name)
 
 
 ENABLED = triton is not None and os.environ.get("CAPI_LAB_FUSED_SINKHORN", "1") != "0"
@@ -236,7 +237,7 @@ def _col_step(x: Tensor, lv: Tensor | None, scale: float) -> Tensor:
     m = x.new_empty((split, N, K), dtype=torch.float32)
     s = m if finish else torch.empty_like(m)
     lv_arg = lv if lv is not None else m  # unused when HAS_LV is False
-    _kernel("_col_lse", x)[(N * nkb, split)](
+    _jit("_col_lse")[(N * nkb, split)](
         x, lv_arg, m, s, B, N, K, per, scale, HAS_LV=lv is not None, FINISH=finish, NEG=_neg(x), **cfg
     )
     if finish:
@@ -258,7 +259,7 @@ def _row_step(x: Tensor, lu: Tensor, scale: float, lse_s: Tensor | None = None, 
     """``log_v[b, n] = -logsumexp_k(x[b, n, k] * scale + lu[n, k])``; also fills ``lse_s`` when given."""
     B, N, K = x.shape
     lv = x.new_empty((B, N), dtype=torch.float32)
-    _kernel("_row_lse", x)[_rows_grid(B, N)](
+    _jit("_row_lse")[_rows_grid(B, N)](
         x, lu, lv, lv if lse_s is None else lse_s, B, N, K, scale, scale_s, WITH_LSE_S=lse_s is not None,
         NEG=_neg(x), **BLOCKS["row"],
     )  # fmt: skip
@@ -277,7 +278,7 @@ def _as_tokens(logits: Tensor, positionwise: bool) -> Tensor:
 def _teacher_op(
     logits: Tensor, dest: Tensor, n_out: int, target_temp: float, student_temp: float, n_iter: int, positionwise: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    triton_support.check_runnable(logits, "fused Sinkhorn", "set CAPI_LAB_FUSED_SINKHORN=0")
+    _check_runnable(logits)
     b, n, k = logits.shape
     x = _as_tokens(logits, positionwise)
     B, N, K = x.shape
@@ -294,7 +295,7 @@ def _teacher_op(
     lv = x.new_empty((B, N), dtype=torch.float32)
     loss, ent = torch.empty_like(lv), torch.empty_like(lv)
     arg = x.new_empty((B, N), dtype=torch.int32)
-    _kernel("_final", x)[_rows_grid(B, N)](
+    _jit("_final")[_rows_grid(B, N)](
         x, lu, dest, targets, lv, lse_s, loss, ent, arg, B, N, K, scale, scale_s, NEG=_neg(x), **BLOCKS["row"]
     )
     return targets, loss.mean(), ent.mean(), arg.view(b, n).long(), lu, lv, lse_s
@@ -321,11 +322,12 @@ def _backward_op(
     logits: Tensor, lu: Tensor, lv: Tensor, lse_s: Tensor, grad_loss: Tensor, target_temp: float,
     student_temp: float, positionwise: bool,
 ) -> Tensor:  # fmt: skip
+    _check_runnable(logits)
     x = _as_tokens(logits, positionwise)
     B, N, K = x.shape
     g = torch.empty_like(x)
     coef = 1.0 / (student_temp * B * N)
-    _kernel("_grad", x)[_rows_grid(B, N)](
+    _jit("_grad")[_rows_grid(B, N)](
         x, lu, lv, lse_s, grad_loss.float(), g, B, N, K, 1.0 / target_temp, 1.0 / student_temp, coef,
         **BLOCKS["row"],
     )  # fmt: skip

@@ -429,8 +429,8 @@ class MetricsWindow:
 def default_workers(device_type: str, cores: int, local_rank: int = 0, gpus: int = 0) -> int:
     """Loader workers per process for ``--num-workers -1``. Training on a CPU with fewer than 4 cores: none,
     since the step already uses every core and a loader process competing with it costs more than the loading
-    it does (the README's quick start on 2 cores: 179 img/s without a worker, 151-160 with one). Otherwise
-    min(8, cores / processes - 1)."""
+    it does (the README's quick start on 2 cores: 33 s without a worker, 37 s with one; benchmarks/RESULTS.md).
+    Otherwise min(8, cores / processes - 1)."""
     if device_type == "cpu" and cores < 4:
         return 0
     workers = max(0, min(8, cores // max(local_rank + 1, 1) - 1))
