@@ -10,8 +10,9 @@
 #   rope      the fused RoPE kernel alone against Inductor's kernel for the PyTorch form; a tile sweep whose
 #             best tiles the later steps use
 #   b16       training step, ViT-B/16 batch 256, compiled (kernel table, trace and its GPU-gap analysis)
+#   b16pt     the same with RoPE in PyTorch (--rope pytorch), the default before the fused RoPE kernel
 #   b16cg     the same with CUDA graphs (--cuda-graphs)
-#   b16rope   ViT-B/16 compiled with the fused RoPE kernel (--rope fused; off by default until timed)
+#   b16rope   ViT-B/16 compiled with the fused RoPE kernel (--rope fused, the library default since it was timed)
 #   b16ropet  the same kernel launched by Inductor (--rope traceable: less host time per call)
 #   b16cgrope CUDA graphs and the fused RoPE kernel
 #   b16combo  ViT-B/16 compiled with Inductor's combo kernels (small independent kernels fused into one launch)
@@ -47,7 +48,7 @@ bench() { local t=$1; shift
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
   | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
-for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16cpp b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
+for step in "${@:-sweep tests rope b16 b16pt b16rope b16ropet b16cg b16cgrope b16cpp b16combo l14 l14cg baseline eager}"; do for s in $step; do case $s in
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
@@ -57,12 +58,14 @@ for step in "${@:-sweep tests rope b16 b16rope b16ropet b16cg b16cgrope b16cpp b
              | tail -15 | tee -a "$OUT/env_tests.txt" ;;
   b16) bench 150 --preset vit_b16 --batch-size 256 --compile "${BLOCKS[@]}" --profile "$OUT/profile_b16.txt" \
          --trace "$OUT/trace_b16.json.gz"; gaps "$OUT/trace_b16.json.gz" ;;
+  b16pt) bench 150 --preset vit_b16 --batch-size 256 --compile --rope pytorch "${BLOCKS[@]}" ;;
   b16cg) bench 170 --preset vit_b16 --batch-size 256 --compile --cuda-graphs "${BLOCKS[@]}" \
          --trace "$OUT/trace_b16cg.json.gz"; gaps "$OUT/trace_b16cg.json.gz" ;;
   rope) timeout 120 python3 benchmarks/rope_kernel.py --sweep --best-out /tmp/rope_blocks.json 2>>"$OUT/err.txt" \
           | tee -a "$OUT/kernels.jsonl"
         if [ "${PIPESTATUS[0]}" = 0 ]; then BLOCKS+=(--rope-blocks /tmp/rope_blocks.json)
-        else echo "RoPE kernel failed: the steps with it are skipped"; tail -5 "$OUT/err.txt"; ROPE_OK=0; fi ;;
+        else echo "RoPE kernel failed: the steps with it are skipped, the others use PyTorch's RoPE"
+             tail -5 "$OUT/err.txt"; ROPE_OK=0; BLOCKS+=(--rope pytorch); fi ;;
   b16rope) [ "$ROPE_OK" = 1 ] && bench 150 --preset vit_b16 --batch-size 256 --compile --rope fused "${BLOCKS[@]}" ;;
   b16ropet) [ "$ROPE_OK" = 1 ] && bench 150 --preset vit_b16 --batch-size 256 --compile --rope traceable \
               "${BLOCKS[@]}" ;;

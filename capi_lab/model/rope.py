@@ -111,9 +111,9 @@ class Rope(nn.Module):
         """RoPE as :meth:`forward`, the result split along the head axis into ``parts`` tensors:
         self-attention rotates its q and k heads in one call.
 
-        With ``CAPI_LAB_FUSED_ROPE=1``, on CUDA, this is one Triton kernel that computes each angle's cosine and
-        sine once for all heads (:mod:`capi_lab.fused_rope`); otherwise, and when the table or coordinates need
-        gradients, PyTorch.
+        On CUDA (with Triton) this is one Triton kernel that computes each angle's cosine and sine once for all
+        heads (:mod:`capi_lab.fused_rope`; ``CAPI_LAB_FUSED_ROPE=0`` switches it off); otherwise, and when the
+        table or coordinates need gradients, PyTorch.
         """
         if fused_rope.available(x, coords, self.freqs):
             return tuple(fused_rope.rotate(x, coords, self.freqs, parts))
