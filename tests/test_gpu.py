@@ -89,6 +89,27 @@ def test_cuda_graph_replays_redraw_stochastic_depth(no_shape_checks):
         assert len(replayed) >= 4 if drop else len(replayed) == 1, (drop, losses)
 
 
+@pytest.mark.parametrize(
+    ("compiled", "graphs", "clip"), [(False, False, None), (False, False, 3.0), (True, False, None), (True, True, None)]
+)
+def test_training_step_never_waits_for_the_gpu(no_shape_checks, compiled, graphs, clip):
+    """The host must be able to queue step after step: any host-device sync inside a step (a blocking copy of a
+    Python scalar to the GPU, a norm read back to check it) leaves the GPU idle while the host starts the next
+    one. The first steps compile and build lazy state, so only later ones are checked."""
+    from capi_lab.train import train_step
+
+    tr, x, m = _trainer(compile=compiled, cuda_graphs=graphs, **{"optim.grad_clip": clip})
+    for _ in range(4):
+        train_step(tr, x, m)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [train_step(tr, x, m) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(np.isfinite(float(o["capi_loss"])) for o in outs)
+
+
 @pytest.mark.parametrize("traceable", [False, True])
 def test_fused_rope_step_matches_pytorch_rope(monkeypatch, no_shape_checks, traceable):
     """The compiled training step with RoPE as the Triton kernel (the CUDA default; also its traceable

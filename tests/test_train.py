@@ -331,6 +331,34 @@ def test_compiled_steps_give_cuda_graphs_no_reason_to_skip(monkeypatch, no_shape
         assert v == {"backward": v["backward"], "disabled": None, "fail_reasons": [], "mutated_inputs": []}
 
 
+def test_gradient_clipping_clips_and_never_reads_the_norm_back(monkeypatch):
+    """--optim.grad-clip: the student's gradients are clipped to the norm before AdamW sees them, and a
+    non-finite norm is not checked on the host (a sync every step on a GPU); the NaN-loss check handles it."""
+    from capi_lab.masking import MaskBatch, sample_masks
+
+    cfg = capi_lab.config.with_overrides(
+        capi_lab.config.get_preset("tiny"), batch_size=4, **{"optim.grad_clip": 1e-3, "model.num_prototypes": 64}
+    )
+    tr = train.build_trainer(train.Fabric(accelerator="cpu", devices=1, precision="32-true"), cfg, 10)
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(parameters, max_norm, *args, error_if_nonfinite=True, **kw):
+        parameters = list(parameters)
+        total = real(parameters, max_norm, *args, error_if_nonfinite=error_if_nonfinite, **kw)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        seen.append((float(total), float(after), max_norm, error_if_nonfinite))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    s = cfg.image_size // cfg.model.patch_size
+    masks = MaskBatch(*sample_masks(4, s, s, cfg.mask, 0))
+    train.train_step(tr, torch.randn(4, 3, cfg.image_size, cfg.image_size), masks)
+    assert len(seen) == 1
+    total, after, max_norm, check = seen[0]
+    assert max_norm == 1e-3 and not check
+    assert total > max_norm and after == pytest.approx(max_norm, rel=1e-3)
+
+
 def test_default_loader_workers():
     """--num-workers -1: none for CPU training on fewer than 4 cores (the step uses them all), else up to 8 per
     process, leaving a core for each GPU's process."""
