@@ -87,9 +87,10 @@ def main() -> None:
         "--rope",
         default=None,
         choices=["fused", "traceable", "pytorch"],
-        help="'fused': one Triton kernel for q and k (capi_lab.fused_rope, CAPI_LAB_FUSED_ROPE=1); "
+        help="'fused': one Triton kernel for q and k (capi_lab.fused_rope; the library default on CUDA); "
         "'traceable': the same kernel launched by Inductor's generated code (CAPI_LAB_FUSED_ROPE=traceable); "
-        "'pytorch': Rope's PyTorch form, compiled with the rest of the step. Default: the library's setting",
+        "'pytorch': Rope's PyTorch form, compiled with the rest of the step (CAPI_LAB_FUSED_ROPE=0). "
+        "Default: the library's setting",
     )
     p.add_argument("--rope-blocks", default=None, help="JSON file of fused_rope.BLOCKS (from rope_kernel.py)")
     p.add_argument(
@@ -225,6 +226,9 @@ def main() -> None:
         "images_per_s_rounds": [round(b / statistics.median(r), 1) for r in rounds] if args.rounds > 1 else None,
         "images_per_s_back_to_back": round(b / back_to_back, 1),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+        # what the caching allocator holds: with --cuda-graphs the graphs' private pools, which the figure above
+        # leaves out (their tensors were allocated when the graphs were captured, during the warm-up steps)
+        "peak_memory_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2) if device == "cuda" else None,
         "tflop_per_step": round(flops / 1e12, 3),
         "achieved_tflops": round(flops / med / 1e12, 1),
         "warmup_s": round(warmup_s, 1),
