@@ -359,6 +359,43 @@ def test_gradient_clipping_clips_and_never_reads_the_norm_back(monkeypatch):
     assert total > max_norm and after == pytest.approx(max_norm, rel=1e-3)
 
 
+def test_training_step_has_no_op_that_would_wait_for_a_gpu():
+    """The CPU stand-in for tests/test_gpu.py's sync check: run a step under a dispatch mode and look for the ops
+    that make a host wait for a GPU when given device tensors: reading a value back (``.item()``, ``float()``,
+    ``bool()``), data-dependent shapes, and a Python number written by indexing (``t[idx] = True``, which
+    copies the number to the device with a blocking copy). The optimizer's step counters are host tensors on a
+    GPU as well, so reading them is allowed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from capi_lab.masking import MaskBatch, sample_masks
+
+    cfg = capi_lab.config.with_overrides(
+        capi_lab.config.get_preset("tiny"), batch_size=4, **{"optim.grad_clip": 1.0, "model.num_prototypes": 64}
+    )
+    tr = train.build_trainer(train.Fabric(accelerator="cpu", devices=1, precision="32-true"), cfg, 10)
+    s = cfg.image_size // cfg.model.patch_size
+    masks = MaskBatch(*sample_masks(4, s, s, cfg.mask, 0))
+    x = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    train.train_step(tr, x, masks)  # optimizer state exists from here on
+    counters = {id(st["step"]) for opt in (tr.optimizer, tr.clustering_optimizer) for st in opt.state.values()}
+    waits = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "_local_scalar_dense" and id(args[0]) not in counters:
+                waits.append(name)
+            if name in ("nonzero", "masked_select", "_unique2", "unique_dim", "bincount"):
+                waits.append(name)
+            if name in ("index_put_", "index_put", "_index_put_impl_") and args[2].dim() == 0:
+                waits.append(f"{name} of a scalar")
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        train.train_step(tr, x, masks)
+    assert not waits
+
+
 def test_default_loader_workers():
     """--num-workers -1: none for CPU training on fewer than 4 cores (the step uses them all), else up to 8 per
     process, leaving a core for each GPU's process."""
