@@ -363,6 +363,12 @@ class Batch:
     positions: torch.Tensor
     skipped: int
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors the step reads, made by the DataLoader's pinning thread
+        (``pin_memory=True``), so that their copy to the GPU is asynchronous. The loader leaves a dataclass
+        without this method as it is, and a copy from pageable memory makes the host wait for the GPU."""
+        return batch_to(self, torch.Tensor.pin_memory)
+
 
 class MaskCollator:
     """Stacks images and draws the batch's masks, seeded by the batch's first stream position."""

@@ -47,6 +47,39 @@ def test_stream_is_a_function_of_position_whatever_the_workers(folder):
     assert torch.equal(later.images, a.images) and torch.equal(later.positions, a.positions)
 
 
+def test_the_loader_pins_every_tensor_the_step_reads(folder, monkeypatch):
+    """With ``pin_memory=True`` the DataLoader pins what has a ``pin_memory`` method; a dataclass without one
+    would stay in pageable memory, and its copy to the GPU would make the host wait. Pinning needs a GPU, so
+    here it is replaced by a recording clone."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = next(iter(_loader(resolve_source(folder), 0)))
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(t) or t.clone())
+    out = pin_memory(batch)
+    assert type(out) is type(batch) and out.skipped == batch.skipped
+    steps_tensors = [batch.images, *batch.masks]
+    assert len(pinned) == len(steps_tensors) and all(a is b for a, b in zip(pinned, steps_tensors, strict=True))
+    assert torch.equal(out.images, batch.images) and torch.equal(out.masks.predict_indices, batch.masks.predict_indices)
+
+
+def test_prefetcher_hands_out_the_loaders_batches_in_order(folder):
+    """``DevicePrefetcher`` (the training loop's copy to the device, one batch ahead on CUDA) changes nothing
+    about which batches come: the same tensors in the same order as the loader, on the device."""
+    from lightning.fabric import Fabric
+
+    from capi_lab.train import DevicePrefetcher
+
+    src = resolve_source(folder)
+    fabric = Fabric(accelerator="cuda" if torch.cuda.is_available() else "cpu", devices=1)
+    plain, ahead = iter(_loader(src, 0)), DevicePrefetcher(iter(_loader(src, 0)), fabric)
+    for _ in range(4):
+        a, b = next(plain), next(ahead)
+        assert b.images.device == fabric.device and b.masks.visible_indices.device == fabric.device
+        assert torch.equal(a.images, b.images.cpu()) and torch.equal(a.positions, b.positions)
+        assert all(torch.equal(x, y.cpu()) for x, y in zip(a.masks, b.masks, strict=True))
+
+
 def test_epochs_are_permutations_and_ranks_disjoint(folder):
     src = resolve_source(folder)
     stream = PretrainStream(src, 16, seed=0)

@@ -401,7 +401,8 @@ def test_default_loader_workers():
     process, leaving a core for each GPU's process."""
     assert train.default_workers("cpu", 2) == 0 and train.default_workers("cpu", 3) == 0
     assert train.default_workers("cpu", 4) == 3 and train.default_workers("cpu", 32) == 8
-    assert train.default_workers("cuda", 2, gpus=1) == 1 and train.default_workers("cuda", 64, gpus=1) == 8
+    assert train.default_workers("cuda", 2, gpus=1) == 1 and train.default_workers("cuda", 64, gpus=1) == 16
+    assert train.default_workers("cuda", 16, gpus=1) == 15 and train.default_workers("cuda", 128, gpus=8) == 15
     assert train.default_workers("cuda", 16, local_rank=3, gpus=8) == 1
 
 
