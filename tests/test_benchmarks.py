@@ -124,11 +124,12 @@ def test_gpu_run_script_dry_run_on_the_cpu(tmp_path):
     root = Path(__file__).parents[1]
     env = {**os.environ, "GPU_RUN_DRY": "1", "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
-    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", "sweep", "rope", "b16rope", "b16cg"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", "sweep", "rope", "b16rope", "b16cg", "loop"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0 and "FAILED" not in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
-    lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    *lines, loop = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert [(r["preset"], r["compile"], len(r["images_per_s_rounds"])) for r in lines] == [("tiny", True, 2)] * 2
+    assert loop["preset"] == "tiny" and loop["loader_images_per_s"] > 0 and loop["loop_images_per_s"] > 0
     sweep = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
     assert "best_rope_blocks" in sweep[-1] and (tmp_path / "trace_b16cg.json.gz").stat().st_size > 0
     assert set(json.loads((tmp_path / "blocks.json").read_text())) == {"col", "row"}

@@ -1,0 +1,104 @@
+"""Throughput of the whole training loop (``python -m capi_lab.train``) against its data loader alone.
+
+    python benchmarks/loop_throughput.py --preset vit_b16 --compile                 # on a GPU
+    python benchmarks/loop_throughput.py --preset tiny --max-steps 40 --log-every 10 --accelerator cpu
+
+``train_throughput.py`` times the step on a batch already on the device. This times what a user's run does:
+decode and augment JPEGs in the loader workers, pin, copy, step, log. Unless ``--data`` is given it writes
+``--images`` synthetic JPEGs (smooth colour fields with texture, seeded) into ``--workdir``. It times the
+loader alone, with the run's workers, over as many batches as the run will take. It then runs the training
+command and reads images/s from ``metrics.jsonl``: the median of the logged windows after the first, which
+holds compilation. Prints one JSON line. Any other argument goes to the training command (``--compile``,
+``--num-workers 12``, ``--batch-size``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from capi_lab.data import resolve_source
+from capi_lab.train import main as train_main
+from capi_lab.train import make_fabric, make_loader, resolve_config
+
+
+def write_jpegs(folder: Path, n: int, width: int, seed: int = 0) -> None:
+    """``n`` JPEGs ``width x 3/4 width``: a bilinearly upsampled random colour field plus noise, quality 90
+    (decoding them costs about what decoding photos of that size does; pure noise would cost more)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h = width * 3 // 4
+    for i in range(n):
+        field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, h), Image.BILINEAR)
+        pixels = np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, (h, width, 3), dtype=np.int16)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="images to train on (default: synthetic JPEGs)")
+    p.add_argument("--images", type=int, default=2048, help="synthetic JPEGs to write")
+    p.add_argument("--image-px", type=int, default=500, help="their width (ImageNet's photos average ~400x350)")
+    p.add_argument("--workdir", default=None, help="where the JPEGs and the run go (default: a temporary folder)")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=20)
+    args, rest = p.parse_known_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="capi_loop_"))
+    data = args.data
+    if data is None:
+        data = str(work / "jpegs")
+        if not any(Path(data).glob("*.jpg")):
+            write_jpegs(Path(data), args.images, args.image_px)
+    out = work / "run"
+    argv = [*rest, "--data", data, "--output-dir", str(out), "--max-steps", str(args.max_steps),
+            "--log-every", str(args.log_every), "--checkpoint-every", str(10 * args.max_steps)]  # fmt: skip
+    if (out / "checkpoints" / "last.ckpt").exists():
+        raise SystemExit(f"error: {out} holds a run already; pass another --workdir")
+
+    run = resolve_config(argv)
+    fabric = make_fabric(run)
+    source = resolve_source(run.data)
+    loader = make_loader(run, fabric, source, 0)
+    it = iter(loader)
+    next(it)  # worker start-up
+    t0 = time.perf_counter()
+    for _ in range(args.max_steps):
+        next(it)
+    loader_s = time.perf_counter() - t0
+    workers = loader.num_workers
+    del it, loader
+
+    t0 = time.perf_counter()
+    train_main(argv)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [round(r["images_per_s"], 1) for r in rows]
+    b = run.capi.batch_size
+    print(
+        json.dumps(
+            {
+                "preset": run.preset,
+                "batch_size": b,
+                "image_size": run.capi.image_size,
+                "compile": run.compile,
+                "device": str(fabric.device),
+                "workers": workers,
+                "data": args.data or f"{args.images} synthetic JPEGs, {args.image_px} px wide",
+                "loader_images_per_s": round(args.max_steps * b / loader_s, 1),
+                "loop_images_per_s": statistics.median(windows[1:]) if len(windows) > 1 else None,
+                "loop_windows_images_per_s": windows,
+                "loop_wall_s": round(wall, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
