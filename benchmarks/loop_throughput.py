@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from capi_lab.data import resolve_source
+from capi_lab.data import FileImages, resolve_source
 from capi_lab.train import main as train_main
 from capi_lab.train import make_fabric, make_loader, resolve_config
 
@@ -49,7 +49,15 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where the JPEGs and the run go (default: a temporary folder)")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument(
+        "--decode-cache",
+        action="store_true",
+        help="keep the loader's cache of decoded images (256 MB a worker); off by default, since a few thousand "
+        "synthetic images would all be cached after one epoch, unlike a real dataset",
+    )
     args, rest = p.parse_known_args()
+    if not args.decode_cache:  # before any loader exists: forked workers inherit it
+        FileImages.__init__.__defaults__ = (0,)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="capi_loop_"))
     data = args.data
     if data is None:
@@ -91,6 +99,7 @@ def main() -> None:
                 "device": str(fabric.device),
                 "workers": workers,
                 "data": args.data or f"{args.images} synthetic JPEGs, {args.image_px} px wide",
+                "decode_cache": args.decode_cache,
                 "loader_images_per_s": round(args.max_steps * b / loader_s, 1),
                 "loop_images_per_s": statistics.median(windows[1:]) if len(windows) > 1 else None,
                 "loop_windows_images_per_s": windows,
