@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,12 +45,16 @@ class DataError(ValueError):
 
 
 class ImageSource:
-    """A finite, indexable collection of images. ``load(i)`` returns an RGB PIL image or raises."""
+    """A finite, indexable collection of images. ``load(i)`` returns an RGB PIL image or raises.
+
+    ``load(i, min_side=m)`` says the caller needs no more than ``m`` pixels on the image's shorter side; a
+    source may then return a smaller image whose shorter side is still at least ``m`` (files: JPEGs decoded at
+    1/2, 1/4 or 1/8 scale). Sources that cannot do that cheaply ignore it."""
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def load(self, i: int) -> Image.Image:
+    def load(self, i: int, min_side: int | None = None) -> Image.Image:
         raise NotImplementedError
 
     def describe(self, i: int) -> str:
@@ -58,26 +63,34 @@ class ImageSource:
 
 class FileImages(ImageSource):
     """Image files. Decoded images are kept in memory up to ``cache_bytes`` (per loader worker), so
-    small sets of large photos are not decoded again at every epoch."""
+    small sets of large photos are not decoded again at every epoch.
+
+    With ``min_side``, a JPEG at least twice that size on its shorter side is decoded by libjpeg at the smallest
+    of 1/2, 1/4 and 1/8 scale that keeps the shorter side at least ``min_side`` (PIL's ``draft``): a 4032x3024
+    photo needed for 224 px crops decodes at 1008x756 in ~10 ms instead of ~58 ms at full size. Other formats,
+    and smaller JPEGs, are decoded at full size."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], cache_bytes: int = 256 * 2**20):
         self.paths = [Path(p) for p in paths]
         self.cache_bytes = cache_bytes
-        self._cache: dict[int, Image.Image] = {}
+        self._cache: dict[tuple[int, int | None], Image.Image] = {}
         self._cached = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> Image.Image:
-        if i in self._cache:
-            return self._cache[i]
+    def load(self, i: int, min_side: int | None = None) -> Image.Image:
+        if (i, min_side) in self._cache:
+            return self._cache[i, min_side]
         with Image.open(self.paths[i]) as img:
+            short = min(img.size)
+            if min_side and img.format == "JPEG" and short >= 2 * min_side:
+                img.draft(None, (-(-img.width * min_side // short), -(-img.height * min_side // short)))
             img.load()
             rgb = to_rgb(img)
         size = rgb.width * rgb.height * 3
         if self._cached + size <= self.cache_bytes:
-            self._cache[i] = rgb
+            self._cache[i, min_side] = rgb
             self._cached += size
         return rgb
 
@@ -94,7 +107,7 @@ class ArrayImages(ImageSource):
     def __len__(self) -> int:
         return len(self.images)
 
-    def load(self, i: int) -> Image.Image:
+    def load(self, i: int, min_side: int | None = None) -> Image.Image:
         return Image.fromarray(self.images[i]).convert("RGB")
 
     def describe(self, i: int) -> str:
@@ -300,11 +313,22 @@ class PretrainStream(Dataset):
 
     An image that cannot be decoded is skipped (one warning line per file) in favour of the next one
     in the permutation; the item reports how many were skipped.
+
+    Unless ``full_decode``, images are asked for at the smallest size at which even the smallest random crop
+    (``crop_scale[0]`` of the area, aspect ratio 3/4) still has ``image_size`` pixels on each side, and at least
+    twice ``image_size`` on the shorter side: so the crop is still shrunk to ``image_size``, never enlarged, and a
+    large JPEG decodes several times faster (:class:`FileImages`). A JPEG under twice that size (896 px on the
+    shorter side for 224 px crops: nearly all of ImageNet's photos) is decoded at full size either way.
     """
 
-    def __init__(self, source: ImageSource, image_size: int, seed: int = 0, crop_scale=(0.6, 1.0)):
+    def __init__(
+        self, source: ImageSource, image_size: int, seed: int = 0, crop_scale=(0.6, 1.0), full_decode: bool = False
+    ):
         self.source, self.seed = source, seed
         self.transform = train_transform(image_size, tuple(crop_scale))
+        self.min_side = (
+            None if full_decode else max(2 * image_size, math.ceil(image_size / (0.75 * crop_scale[0]) ** 0.5))
+        )
         self._perm: tuple[int, np.ndarray] | None = None
         self._bad: set[int] = set()
 
@@ -328,7 +352,7 @@ class PretrainStream(Dataset):
                 skipped += 1
                 continue
             try:
-                img = self.source.load(i)
+                img = self.source.load(i, self.min_side)
             except Exception as e:
                 self._bad.add(i)
                 skipped += 1

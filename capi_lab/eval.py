@@ -35,8 +35,8 @@ class Subset(ImageSource):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, i: int):
-        return self.source.load(int(self.indices[i]))
+    def load(self, i: int, min_side: int | None = None):
+        return self.source.load(int(self.indices[i]), min_side)
 
     def describe(self, i: int) -> str:
         return self.source.describe(int(self.indices[i]))

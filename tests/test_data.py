@@ -138,3 +138,55 @@ def test_compiled_step_matches_eager(no_shape_checks):
         tr = build_trainer(fabric, cfg, 100, compile=compiled, seed=0)
         losses[compiled] = [float(train_step(tr, x, m)["capi_loss"]) for _ in range(3)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def big_photo(tmp_path_factory):
+    """A real photo (scikit-image's astronaut) enlarged to 1800x1350, as JPEG and as PNG."""
+    from skimage import data as skdata
+
+    root = tmp_path_factory.mktemp("big")
+    img = Image.fromarray(skdata.astronaut()).resize((1800, 1350), Image.BICUBIC)
+    img.save(root / "big.jpg", quality=92)
+    img.save(root / "big.png")
+    img.resize((800, 600), Image.BICUBIC).save(root / "small.jpg", quality=92)
+    return root
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_only_where_asked(big_photo):
+    from capi_lab.data import FileImages
+
+    src = FileImages([big_photo / "big.jpg", big_photo / "big.png", big_photo / "small.jpg"])
+    reduced = src.load(0, min_side=448)
+    assert reduced.size == (900, 675)  # 1/2 scale: 1/4 would leave 337 < 448 px on the shorter side
+    assert src.load(0, min_side=300).size == (450, 338)  # 1/4 scale
+    assert src.load(0).size == (1800, 1350)  # the cache keeps the two apart
+    assert src.load(1, min_side=448).size == (1800, 1350)  # PNG: no reduced decoding
+    assert src.load(2, min_side=448).size == (800, 600)  # under twice min_side: full size
+    # the same relative crop from the reduced and the full decode: a fraction of an 8-bit level apart
+    from torchvision.transforms.v2 import functional as F
+
+    full = src.load(0)
+    crops = [
+        F.pil_to_tensor(F.resized_crop(im, int(100 * k), int(160 * k), int(1000 * k), int(1200 * k), [224, 224],
+                                       interpolation=F.InterpolationMode.BICUBIC)).float()
+        for im, k in ((reduced, 0.5), (full, 1.0))
+    ]  # fmt: skip
+    diff = (crops[0] - crops[1]).abs()
+    assert diff.mean() < 1.0 and diff.max() < 40
+
+
+def test_stream_asks_for_enough_pixels_and_full_decode_is_the_reference(big_photo):
+    """The stream's items are the training transform of the image at the size it asks for (seeded by the
+    position), and ``full_decode`` asks for the full image."""
+    from capi_lab.data import FileImages, _mix, train_transform
+
+    src = FileImages([big_photo / "big.jpg"])
+    assert PretrainStream(src, 224, crop_scale=(0.6, 1.0)).min_side == 448  # twice the crop size
+    assert PretrainStream(src, 224, crop_scale=(0.08, 1.0)).min_side == 915  # smallest crop still >= 224 px
+    for full, size in ((True, (1800, 1350)), (False, (225, 169))):  # 64 px crops: 1/8 scale keeps >= 128 px
+        stream = PretrainStream(src, 64, seed=5, full_decode=full)
+        img = src.load(0, stream.min_side)
+        assert img.size == size
+        torch.manual_seed(_mix(5, 7, 1))
+        assert torch.equal(stream[7][0], train_transform(64)(img))
