@@ -471,37 +471,34 @@ def make_loader(run: RunConfig, fabric: Fabric, source: Any, start_step: int) ->
     )
 
 
-class DevicePrefetcher:
-    """The loader's batches on the training device, each one's copy queued while the step before it runs.
+class DeviceBatches:
+    """The loader's batches on the training device, each copied on a side stream.
 
-    On CUDA the copy of batch ``n + 1`` goes on a side stream as soon as batch ``n`` is handed out, from the
-    loader's page-locked memory, so the copy engine moves it while step ``n`` computes, instead of in a queue
-    behind step ``n`` on the compute stream (a ViT-B/16 batch of 256 fp32 images is 154 MB, milliseconds of
-    PCIe transfer). Elsewhere it is ``fabric.to_device``. Which batches come, and in what order, is unchanged.
+    The training loop never waits for the GPU, so when it asks for batch ``n + 1`` the GPU is still running
+    step ``n``. On CUDA the batch's copy then goes on a side stream, from the loader's page-locked memory, and
+    the copy engine moves it while step ``n`` computes; on the compute stream it would wait for step ``n`` to
+    finish, and step ``n + 1`` for it (a ViT-B/16 batch of 256 fp32 images is 154 MB: milliseconds over PCIe).
+    Nothing is fetched ahead of time, so a slow loader never holds up a step whose batch is ready. Elsewhere it
+    is ``fabric.to_device``.
     """
 
     def __init__(self, loader: Iterator[Batch], fabric: Fabric):
         self.loader, self.fabric = loader, fabric
         self.stream = torch.cuda.Stream(fabric.device) if fabric.device.type == "cuda" else None
-        self.pending = self._copy(next(self.loader))
 
-    def _copy(self, batch: Batch) -> Batch:
-        if self.stream is None:
-            return batch_to(batch, self.fabric.to_device)
-        with torch.cuda.stream(self.stream):
-            return batch_to(batch, lambda t: t.to(self.fabric.device, non_blocking=True))
-
-    def __iter__(self) -> DevicePrefetcher:
+    def __iter__(self) -> DeviceBatches:
         return self
 
     def __next__(self) -> Batch:
-        batch = self.pending
-        if self.stream is not None:
-            compute = torch.cuda.current_stream(self.fabric.device)
-            compute.wait_stream(self.stream)  # the step starts once its batch has arrived
-            for t in (batch.images, *batch.masks):
-                t.record_stream(compute)  # keeps the allocator from reusing it before the step is done
-        self.pending = self._copy(next(self.loader))
+        batch = next(self.loader)
+        if self.stream is None:
+            return batch_to(batch, self.fabric.to_device)
+        with torch.cuda.stream(self.stream):
+            batch = batch_to(batch, lambda t: t.to(self.fabric.device, non_blocking=True))
+        compute = torch.cuda.current_stream(self.fabric.device)
+        compute.wait_stream(self.stream)  # the step starts once its batch has arrived
+        for t in (batch.images, *batch.masks):
+            t.record_stream(compute)  # keeps the allocator from reusing it before the step is done
         return batch
 
 
@@ -520,7 +517,7 @@ def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
     if tr.step >= run.max_steps:
         fabric.print(f"nothing to do: the checkpoint is at step {tr.step} >= --max-steps {run.max_steps}")
         return tr
-    loader = DevicePrefetcher(iter(make_loader(run, fabric, source, tr.step)), fabric)
+    loader = DeviceBatches(iter(make_loader(run, fabric, source, tr.step)), fabric)
     metrics_file = out_dir / "metrics.jsonl"
     window = MetricsWindow()
     bar = tqdm(total=run.max_steps, initial=tr.step, disable=fabric.global_rank != 0, desc="train", dynamic_ncols=True)

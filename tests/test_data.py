@@ -63,18 +63,18 @@ def test_the_loader_pins_every_tensor_the_step_reads(folder, monkeypatch):
     assert torch.equal(out.images, batch.images) and torch.equal(out.masks.predict_indices, batch.masks.predict_indices)
 
 
-def test_prefetcher_hands_out_the_loaders_batches_in_order(folder):
-    """``DevicePrefetcher`` (the training loop's copy to the device, one batch ahead on CUDA) changes nothing
+def test_device_batches_are_the_loaders_batches_in_order(folder):
+    """``DeviceBatches`` (the training loop's copy to the device, on a side stream on CUDA) changes nothing
     about which batches come: the same tensors in the same order as the loader, on the device."""
     from lightning.fabric import Fabric
 
-    from capi_lab.train import DevicePrefetcher
+    from capi_lab.train import DeviceBatches
 
     src = resolve_source(folder)
     fabric = Fabric(accelerator="cuda" if torch.cuda.is_available() else "cpu", devices=1)
-    plain, ahead = iter(_loader(src, 0)), DevicePrefetcher(iter(_loader(src, 0)), fabric)
+    plain, copied = iter(_loader(src, 0)), DeviceBatches(iter(_loader(src, 0)), fabric)
     for _ in range(4):
-        a, b = next(plain), next(ahead)
+        a, b = next(plain), next(copied)
         assert b.images.device == fabric.device and b.masks.visible_indices.device == fabric.device
         assert torch.equal(a.images, b.images.cpu()) and torch.equal(a.positions, b.positions)
         assert all(torch.equal(x, y.cpu()) for x, y in zip(a.masks, b.masks, strict=True))

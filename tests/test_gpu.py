@@ -176,12 +176,12 @@ def test_fused_sinkhorn_matches_pytorch_at_scale():
     assert torch.allclose(grads[1], grads[0], atol=1e-2 * grads[0].abs().max().item())  # bf16 gradients
 
 
-def test_loader_batches_are_pinned_and_prefetched_on_a_side_stream(tmp_path):
+def test_loader_batches_are_pinned_and_copied_on_a_side_stream(tmp_path):
     """make_loader's batches arrive page-locked (so their copy is asynchronous), and the training loop's
-    prefetcher, which copies the next batch on a side stream, hands out the loader's values."""
+    ``DeviceBatches``, which copies each batch on a side stream, hands out the loader's values."""
     from lightning.fabric import Fabric
 
-    from capi_lab.train import DevicePrefetcher, RunConfig, make_loader
+    from capi_lab.train import DeviceBatches, RunConfig, make_loader
 
     rng = np.random.default_rng(0)
     for i in range(12):
@@ -193,9 +193,9 @@ def test_loader_batches_are_pinned_and_prefetched_on_a_side_stream(tmp_path):
     first = next(iter(make_loader(run, fabric, src, 0)))
     assert first.images.is_pinned() and all(t.is_pinned() for t in first.masks)
     plain = iter(make_loader(run, fabric, src, 0))
-    ahead = DevicePrefetcher(iter(make_loader(run, fabric, src, 0)), fabric)
+    copied = DeviceBatches(iter(make_loader(run, fabric, src, 0)), fabric)
     for _ in range(5):
-        a, b = next(plain), next(ahead)
+        a, b = next(plain), next(copied)
         assert b.images.is_cuda and torch.equal(a.images, b.images.cpu())
         assert all(torch.equal(x, y.cpu()) for x, y in zip(a.masks, b.masks, strict=True))
 
