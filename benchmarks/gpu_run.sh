@@ -57,7 +57,7 @@ for step in "${@:-sweep tests rope b16 b16pt b16rope b16ropet b16cg b16cgrope b1
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
-  tests) timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_fused_clustering.py \
+  tests) timeout 360 python3 -m pytest -q -m "gpu or not gpu" tests/test_gpu.py tests/test_fused_clustering.py \
            tests/test_fused_rope.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/env_tests.txt" ;;
   cgtests) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k cuda_graph -p no:cacheprovider 2>&1 \
              | tail -15 | tee -a "$OUT/env_tests.txt" ;;
