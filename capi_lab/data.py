@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
@@ -68,7 +68,8 @@ class FileImages(ImageSource):
     With ``min_side``, a JPEG at least twice that size on its shorter side is decoded by libjpeg at the smallest
     of 1/2, 1/4 and 1/8 scale that keeps the shorter side at least ``min_side`` (PIL's ``draft``): a 4032x3024
     photo needed for 224 px crops decodes at 1008x756 in ~10 ms instead of ~58 ms at full size. Other formats,
-    and smaller JPEGs, are decoded at full size."""
+    and smaller JPEGs, are decoded at full size. Images are turned upright by their EXIF orientation tag, as the
+    app does with uploads."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], cache_bytes: int = 256 * 2**20):
         self.paths = [Path(p) for p in paths]
@@ -87,7 +88,7 @@ class FileImages(ImageSource):
             if min_side and img.format == "JPEG" and short >= 2 * min_side:
                 img.draft(None, (-(-img.width * min_side // short), -(-img.height * min_side // short)))
             img.load()
-            rgb = to_rgb(img)
+            rgb = to_rgb(ImageOps.exif_transpose(img))  # upright, as phone photos are shown (EXIF orientation)
         size = rgb.width * rgb.height * 3
         if self._cached + size <= self.cache_bytes:
             self._cache[i, min_side] = rgb

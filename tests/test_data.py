@@ -190,3 +190,21 @@ def test_stream_asks_for_enough_pixels_and_full_decode_is_the_reference(big_phot
         assert img.size == size
         torch.manual_seed(_mix(5, 7, 1))
         assert torch.equal(stream[7][0], train_transform(64)(img))
+
+
+def test_exif_orientation_is_applied(tmp_path, big_photo):
+    """A phone photo stored sideways with an EXIF orientation tag (6: turn 90 degrees clockwise to view) is
+    loaded upright, at full size and at a reduced scale."""
+    from capi_lab.data import FileImages
+
+    img = Image.open(big_photo / "big.jpg")  # 1800x1350, stored sideways below
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "turned.jpg", quality=92, exif=exif)
+    src = FileImages([tmp_path / "turned.jpg"])
+    upright = src.load(0)
+    assert upright.size == (1350, 1800)
+    assert np.array_equal(
+        np.asarray(upright), np.asarray(Image.open(tmp_path / "turned.jpg").transpose(Image.ROTATE_270))
+    )
+    assert src.load(0, min_side=448).size == (675, 900)
