@@ -57,7 +57,7 @@ def main() -> None:
     )
     args, rest = p.parse_known_args()
     if not args.decode_cache:  # before any loader exists: forked workers inherit it
-        FileImages.__init__.__defaults__ = (0,)
+        FileImages.CACHE_BYTES = 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="capi_loop_"))
     data = args.data
     if data is None:

@@ -71,9 +71,12 @@ class FileImages(ImageSource):
     and smaller JPEGs, are decoded at full size. Images are turned upright by their EXIF orientation tag, as the
     app does with uploads."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], cache_bytes: int = 256 * 2**20):
+    CACHE_BYTES = 256 * 2**20
+    """The cache size when ``cache_bytes`` is not given (``benchmarks/loop_throughput.py`` sets it to 0)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], cache_bytes: int | None = None):
         self.paths = [Path(p) for p in paths]
-        self.cache_bytes = cache_bytes
+        self.cache_bytes = self.CACHE_BYTES if cache_bytes is None else cache_bytes
         self._cache: dict[tuple[int, int | None], Image.Image] = {}
         self._cached = 0
 
