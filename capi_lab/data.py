@@ -151,7 +151,7 @@ _SKIMAGE_PHOTOS = {
     "retina.jpg": "CC0 (Hakan Wieslander / Hampus Forsberg)",
     "rocket.jpg": "public domain (SpaceX)",
 }
-DEMO_SOURCES = ("foolbox", "opencv", "mate", "plasma")
+DEMO_SOURCES = ("foolbox", "opencv", "mate", "plasma", "lomiri", "gcompris", "stellarium")
 """Photo sources fetched by scripts/fetch_demo_data.py into the cache (tuxpaint cut-outs are kept apart:
 they feed the segmentation set, not pretraining)."""
 
@@ -211,6 +211,106 @@ def demo_photo_paths() -> list[Path]:
     return [d.path for d in demo_photos()]
 
 
+# ----------------------------------------------------------------------------- cut-outs pasted on photos
+
+
+def stamp_classes(root: Path, min_stamps: int = 4) -> dict[str, list[Path]]:
+    """Top-level folders of ``root`` holding at least ``min_stamps`` RGBA PNG cut-outs."""
+    classes = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        stamps = sorted(p for p in d.rglob("*.png"))
+        if len(stamps) >= min_stamps:
+            classes[d.name] = stamps
+    return classes
+
+
+def stamp_split(
+    root: Path, backgrounds: Sequence[Path], split: str, seed: int = 0
+) -> tuple[list[str], list[list[Path]], list[Path]]:
+    """``(classes, cut-outs of each class, background photos)`` of one side of the seeded 70/30 split of
+    cut-outs (within each class) and background photos. The k-NN segmentation set scores the ``test`` side; the
+    ``composite`` pretraining source draws on the ``train`` side only, so what seg-knn tests stays unseen."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not root.is_dir():
+        raise DataError(
+            f"cut-out folder {root} does not exist: run `python scripts/fetch_demo_data.py --only tuxpaint` (or "
+            "give a folder of class sub-folders holding RGBA PNG cut-outs)"
+        )
+    all_classes = stamp_classes(root)
+    if len(all_classes) < 2:
+        raise DataError(
+            f"{root} holds no usable cut-outs: it needs at least two class sub-folders with 4+ RGBA PNG cut-outs "
+            "each (`python scripts/fetch_demo_data.py --only tuxpaint` fetches them)"
+        )
+    if len(backgrounds) < 2:
+        raise DataError("pasting cut-outs needs at least two background photos (see `demo-photos`)")
+    rng = np.random.default_rng(seed)
+
+    def side(n: int) -> slice:
+        cut = max(1, int(n * 0.7))
+        return slice(0, cut) if split == "train" else slice(cut, n)
+
+    stamps = [[s[i] for i in rng.permutation(len(s))][side(len(s))] for s in all_classes.values()]
+    bgs = [backgrounds[i] for i in rng.permutation(len(backgrounds))]
+    return list(all_classes), stamps, bgs[side(len(bgs))]
+
+
+def _open_small(path: Path, mode: str, side: int, cache: dict) -> Image.Image:
+    if (path, mode) not in cache:
+        with Image.open(path) as im:
+            im = to_rgb(ImageOps.exif_transpose(im)) if mode == "RGB" else im.convert(mode)
+            im.thumbnail((side, side), Image.Resampling.LANCZOS)
+            cache[path, mode] = im
+    return cache[path, mode]
+
+
+class CompositeImages(ImageSource):
+    """Object-on-background scenes for pretraining: photo cut-outs (tuxpaint stamps: RGBA, the alpha an exact
+    mask) pasted on whole photos. Only the ``train`` side of :func:`stamp_split` is used, so the cut-outs and
+    backgrounds the k-NN segmentation set (``seg-knn``) scores on are never seen in training.
+
+    Image ``i`` is background ``i mod B`` (downscaled to ``max_side``) with, for a ``paste_fraction`` of the
+    images, 1-3 cut-outs of random classes pasted at 20-60 % of the shorter side, at random positions; the rest
+    are the plain photo. Each background appears ``per_background`` times with different pastes; everything is
+    a function of ``(seed, i)``."""
+
+    def __init__(
+        self, stamps_root: Path, backgrounds: Sequence[Path], per_background: int = 8, paste_fraction: float = 0.75,
+        max_side: int = 320, seed: int = 0,
+    ):  # fmt: skip
+        if not 0 <= paste_fraction <= 1:
+            raise ValueError(f"paste_fraction must be in [0, 1], got {paste_fraction}")
+        self.classes, self.stamps, self.backgrounds = stamp_split(Path(stamps_root), backgrounds, "train", seed)
+        self.per_background, self.paste_fraction, self.max_side, self.seed = (
+            per_background, paste_fraction, max_side, seed,
+        )  # fmt: skip
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.backgrounds) * self.per_background
+
+    def load(self, i: int, min_side: int | None = None) -> Image.Image:
+        rng = np.random.default_rng([self.seed, i, 2])
+        canvas = _open_small(self.backgrounds[i % len(self.backgrounds)], "RGB", self.max_side, self._cache).copy()
+        if rng.random() >= self.paste_fraction:
+            return canvas
+        for _ in range(int(rng.integers(1, 4))):
+            c = int(rng.integers(len(self.classes)))
+            stamp = _open_small(self.stamps[c][rng.integers(len(self.stamps[c]))], "RGBA", self.max_side, self._cache)
+            scale = rng.uniform(0.2, 0.6) * min(canvas.size) / max(stamp.size)
+            stamp = stamp.resize(
+                (max(1, int(stamp.width * scale)), max(1, int(stamp.height * scale))), Image.Resampling.BICUBIC
+            )
+            x = int(rng.integers(0, max(canvas.width - stamp.width, 0) + 1))
+            y = int(rng.integers(0, max(canvas.height - stamp.height, 0) + 1))
+            canvas.paste(stamp, (x, y), stamp)
+        return canvas
+
+    def describe(self, i: int) -> str:
+        return f"composite[{i}] on {self.backgrounds[i % len(self.backgrounds)]}"
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
@@ -244,10 +344,15 @@ def load_fashion_mnist(split: str = "train") -> ArrayImages:
 
 def resolve_source(spec: str | os.PathLike) -> ImageSource:
     """The images named by ``--data``: a folder (recursive), a text file listing image paths (relative
-    paths are taken from the file's folder), ``fashion-mnist[:train|:test]`` or ``demo-photos``."""
+    paths are taken from the file's folder), ``fashion-mnist[:train|:test]``, ``demo-photos``, or ``composite``
+    (tuxpaint cut-outs pasted on the demo photos, :class:`CompositeImages`; ``composite:DIR`` takes the cut-outs
+    from DIR's class sub-folders)."""
     s = str(spec)
     if s.startswith("fashion-mnist"):
         return load_fashion_mnist(s.partition(":")[2] or "train")
+    if s == "composite" or s.startswith("composite:"):
+        root = Path(s.partition(":")[2]).expanduser() if ":" in s else cache_dir() / "demo-data" / "tuxpaint"
+        return CompositeImages(root, demo_photo_paths())
     if s == "demo-photos":
         paths = demo_photo_paths()
         if not paths:

@@ -208,3 +208,62 @@ def test_exif_orientation_is_applied(tmp_path, big_photo):
         np.asarray(upright), np.asarray(Image.open(tmp_path / "turned.jpg").transpose(Image.ROTATE_270))
     )
     assert src.load(0, min_side=448).size == (675, 900)
+
+
+@pytest.fixture()
+def cutouts(tmp_path):
+    """Cut-outs of two classes, each a square of one colour no other cut-out or background has (alpha: a
+    centred square), and grey-level background photos."""
+    root = tmp_path / "stamps"
+    colours = {}
+    for c, cls in enumerate(("bars", "discs")):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            rgba = np.zeros((40, 40, 4), np.uint8)
+            colour = (40 + 30 * i, 250 if c else 10, 128)
+            rgba[..., :3] = colour
+            rgba[8:32, 8:32, 3] = 255
+            Image.fromarray(rgba, "RGBA").save(root / cls / f"{i}.png")
+            colours[str(root / cls / f"{i}.png")] = colour
+    bgs = []
+    for i in range(6):
+        p = tmp_path / f"bg{i}.png"
+        Image.fromarray(np.full((90, 120, 3), 20 * i, np.uint8)).save(p)
+        bgs.append(p)
+    return root, bgs, colours
+
+
+def test_composites_use_only_the_cut_outs_and_backgrounds_seg_knn_does_not_test_on(cutouts):
+    from capi_lab.data import CompositeImages, stamp_split
+
+    root, bgs, colours = cutouts
+    src = CompositeImages(root, bgs, per_background=20, paste_fraction=1.0, max_side=80)
+    _, test_stamps, test_bgs = stamp_split(root, bgs, "test")
+    _, train_stamps, train_bgs = stamp_split(root, bgs, "train")
+    assert len(src) == 20 * len(train_bgs) and not set(train_bgs) & set(test_bgs)
+    test_colours = {colours[str(p)] for s in test_stamps for p in s}
+    train_colours = {colours[str(p)] for s in train_stamps for p in s}
+    seen_colours, seen_bg = set(), set()
+    for i in range(len(src)):
+        img = np.asarray(src.load(i))
+        assert img.shape[:2] == (60, 80)  # the whole background, downscaled to max_side
+        values, counts = np.unique(img.reshape(-1, 3), axis=0, return_counts=True)
+        seen_colours |= {tuple(int(c) for c in v) for v in values} & (train_colours | test_colours)
+        seen_bg.add(tuple(int(c) for c in values[counts.argmax()]))  # most of the picture is its background
+    assert seen_colours and seen_colours <= train_colours  # pasted: train cut-outs, never a held-out one
+    assert {(20 * bgs.index(b),) * 3 for b in train_bgs} == seen_bg  # every train background, no test one
+    assert np.array_equal(np.asarray(src.load(7)), np.asarray(src.load(7)))  # a function of (seed, i)
+    plain = CompositeImages(root, bgs, paste_fraction=0.0, max_side=80)
+    assert all(len({tuple(p) for p in np.asarray(plain.load(i)).reshape(-1, 3)}) == 1 for i in range(6))
+
+
+def test_composite_source_from_the_cli_spec_and_its_errors(cutouts, tmp_path):
+    root, _, _ = cutouts
+    src = resolve_source(f"composite:{root}")
+    item, _, _ = PretrainStream(src, 32, seed=1, crop_scale=(0.3, 1.0))[5]
+    assert item.shape == (3, 32, 32) and torch.isfinite(item).all()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no usable cut-outs"):
+        resolve_source(f"composite:{tmp_path / 'empty'}")
+    with pytest.raises(DataError, match="does not exist: run `python scripts/fetch_demo_data.py --only tuxpaint`"):
+        resolve_source(f"composite:{tmp_path / 'missing'}")

@@ -5,7 +5,8 @@ object mask; class = the stamp's top-level folder: animals, food, plants, vehicl
 ``scripts/fetch_demo_data.py --only tuxpaint``. Each image is a random square crop of a demo photo
 with one stamp pasted at a random scale (35-70 % of the side) and position; its label map is 0 for
 background and ``1 + class`` where the stamp's alpha is at least 128. Stamps and background photos
-are split 70/30 between the train and test images, so test objects are unseen instances.
+are split 70/30 between the train and test images (``capi_lab.data.stamp_split``), so test objects are unseen
+instances; the ``composite`` pretraining source uses only the train side.
 
 Evaluation (as the paper's k-NN segmentation): every train patch gets the majority label of its
 pixels; each test patch takes the temperature-weighted vote of its k most similar train patches;
@@ -23,17 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from capi_lab.data import IMAGENET_MEAN, IMAGENET_STD, DataError, cache_dir, demo_photo_paths
-
-
-def stamp_classes(root: Path, min_stamps: int = 4) -> dict[str, list[Path]]:
-    """Top-level folders of ``root`` holding at least ``min_stamps`` RGBA PNG cut-outs."""
-    classes = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        stamps = sorted(p for p in d.rglob("*.png"))
-        if len(stamps) >= min_stamps:
-            classes[d.name] = stamps
-    return classes
+from capi_lab.data import IMAGENET_MEAN, IMAGENET_STD, cache_dir, demo_photo_paths, stamp_split
 
 
 @dataclass
@@ -48,26 +39,9 @@ class StampSegmentation:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.stamps_root.is_dir():
-            raise DataError(
-                f"stamp folder {self.stamps_root} does not exist: run `python scripts/fetch_demo_data.py --only "
-                "tuxpaint` (or pass a folder of class sub-folders holding RGBA PNG cut-outs)"
-            )
-        all_classes = stamp_classes(self.stamps_root)
-        if len(all_classes) < 2:
-            raise DataError(f"{self.stamps_root} needs at least two class sub-folders with 4+ RGBA PNG cut-outs each")
-        if len(self.backgrounds) < 2:
-            raise DataError("the segmentation set needs at least two background photos")
-        rng = np.random.default_rng(self.seed)
-        pick = (
-            (lambda n: slice(0, max(1, int(n * 0.7))))
-            if self.split == "train"
-            else (lambda n: slice(max(1, int(n * 0.7)), n))
+        self.classes, self.stamps, self.bg_paths = stamp_split(
+            self.stamps_root, self.backgrounds, self.split, self.seed
         )
-        self.classes = list(all_classes)
-        self.stamps = [[s[i] for i in rng.permutation(len(s))][pick(len(s))] for s in all_classes.values()]
-        bgs = [self.backgrounds[i] for i in rng.permutation(len(self.backgrounds))]
-        self.bg_paths = bgs[pick(len(bgs))]
         self._cache: dict[Path, Image.Image] = {}
 
     @property
