@@ -273,11 +273,13 @@ class CompositeImages(ImageSource):
     Image ``i`` is background ``i mod B`` (downscaled to ``max_side``) with, for a ``paste_fraction`` of the
     images, 1-3 cut-outs of random classes pasted at 20-60 % of the shorter side, at random positions; the rest
     are the plain photo. Each background appears ``per_background`` times with different pastes; everything is
-    a function of ``(seed, i)``."""
+    a function of ``(seed, i)``, so made images are kept (up to ``FileImages.CACHE_BYTES`` per loader process):
+    after the first epoch a composite costs nothing to load (on two cores, pasting took ~2.7 ms an image, about
+    as much as the rest of the item)."""
 
     def __init__(
         self, stamps_root: Path, backgrounds: Sequence[Path], per_background: int = 8, paste_fraction: float = 0.75,
-        max_side: int = 320, seed: int = 0,
+        max_side: int = 224, seed: int = 0,
     ):  # fmt: skip
         if not 0 <= paste_fraction <= 1:
             raise ValueError(f"paste_fraction must be in [0, 1], got {paste_fraction}")
@@ -286,11 +288,23 @@ class CompositeImages(ImageSource):
             per_background, paste_fraction, max_side, seed,
         )  # fmt: skip
         self._cache: dict = {}
+        self._made: dict[int, Image.Image] = {}
+        self._made_bytes = 0
 
     def __len__(self) -> int:
         return len(self.backgrounds) * self.per_background
 
     def load(self, i: int, min_side: int | None = None) -> Image.Image:
+        if i in self._made:
+            return self._made[i]
+        img = self._make(i)
+        size = img.width * img.height * 3
+        if self._made_bytes + size <= FileImages.CACHE_BYTES:
+            self._made[i] = img
+            self._made_bytes += size
+        return img
+
+    def _make(self, i: int) -> Image.Image:
         rng = np.random.default_rng([self.seed, i, 2])
         canvas = _open_small(self.backgrounds[i % len(self.backgrounds)], "RGB", self.max_side, self._cache).copy()
         if rng.random() >= self.paste_fraction:
