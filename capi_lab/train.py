@@ -621,9 +621,8 @@ def check_resume_config(run: RunConfig) -> None:
     if not (Path(run.output_dir) / "checkpoints" / "last.ckpt").exists() or not saved.exists():
         return
     old = read_yaml(saved)
-    old_capi = CAPIConfig.from_dict(
-        {k: v for k, v in old.items() if k in ("model", "mask", "optim", "image_size", "batch_size")}
-    )
+    method = {f.name for f in dataclasses.fields(CAPIConfig)}  # every field of the method, crop_scale included
+    old_capi = CAPIConfig.from_dict({k: v for k, v in old.items() if k in method})
     if old_capi != run.capi:
         diff = [k for k, (a, b) in _flat_pairs(old_capi.to_dict(), run.capi.to_dict()).items() if a != b]
         raise SystemExit(

@@ -112,6 +112,18 @@ def test_resume_with_other_settings_is_refused(images, tmp_path):
         main([*TINY, "--data", str(images), "--output-dir", str(out), "--model.embed-dim", "64"])
 
 
+def test_resume_keeps_a_non_default_crop_scale(images, tmp_path):
+    """The settings check compares every method field: a run with its own crop scale resumes, and a different
+    crop scale is refused by name."""
+    out = tmp_path / "r"
+    crop = ["--crop-scale", "0.1", "1.0"]
+    main([*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "2", *crop])
+    main([*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "3", *crop])
+    assert [r["step"] for r in _metrics(out)][-1] == 3
+    with pytest.raises(SystemExit, match="different settings.*crop_scale"):
+        main([*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "4", "--crop-scale", "0.5", "1"])
+
+
 def _cmd(images, out, steps):
     return [sys.executable, "-m", "capi_lab.train", *TINY, "--data", str(images), "--output-dir", str(out),
             "--max-steps", str(steps), "--checkpoint-every", "5", "--log-every", "5"]  # fmt: skip
