@@ -244,16 +244,18 @@ def _coerce(value: Any, type_name: str, name: str) -> Any:
 def _tiny() -> CAPIConfig:
     # Small enough that a training step takes well under a second on a laptop CPU; 28 px inputs
     # (Fashion-MNIST) give a 7x7 grid. More predictions per image than the paper's 5 %, since with
-    # 49 patches 5 % would score a single token (0.5 and lr 2e-3 measured best of the three settings tried
-    # on Fashion-MNIST, see README). Teacher momentum peaks at 0.99, not the paper's 0.999:
-    # that is a ~1000-step time constant, right for 500k steps, but it leaves the teacher of a
-    # 1000-step run half at its random initialisation.
+    # 49 patches 5 % would score a single token. From the recipe study (benchmarks/recipe_study.md, 600 steps of
+    # batch 64 on Fashion-MNIST): 64 prototypes, not 1024, because position-wise Sinkhorn balances each position
+    # over the batch's images, and with 64 images and 1024 prototypes it spreads every token over ~27 of them
+    # (target entropy 3.3; the paper has as many prototypes as images in its global batch, 16384); and a teacher
+    # momentum peaking at 0.95, not the paper's 0.999 (a ~1000-step time constant, right for 500k steps, which
+    # leaves a short run's teacher at its random initialisation).
     return CAPIConfig(
         model=ModelConfig(
-            patch_size=4, embed_dim=128, depth=4, num_heads=4, pred_depth=2, num_registers=4, num_prototypes=1024
+            patch_size=4, embed_dim=128, depth=4, num_heads=4, pred_depth=2, num_registers=4, num_prototypes=64
         ),
         mask=MaskConfig(prediction_subsampling=0.5),
-        optim=OptimConfig(lr=2e-3, weight_decay=0.05, momentum_peak=0.99),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.05, momentum_peak=0.95),
         image_size=28,
         batch_size=64,
     )
@@ -275,14 +277,16 @@ def _vit(patch: int, dim: int, depth: int, heads: int, pred_depth: int, drop_pat
 
 
 def _default() -> CAPIConfig:
-    # The embedded default model: small enough to train on a laptop CPU in ~20 minutes and to ship
-    # (< 25 MB), trained on ~100 demo photos with heavy cropping so that it sees many scales.
+    # The embedded default model: small enough to train on a laptop CPU in ~40 minutes and to ship
+    # (< 25 MB), trained on ~400 demo photos with cut-outs pasted on them (`--data composite`) and heavy cropping,
+    # so that it sees many scales. As many prototypes as images per step and a fast teacher, as `tiny` (the recipe
+    # study, benchmarks/recipe_study.md).
     return CAPIConfig(
         model=ModelConfig(
-            patch_size=8, embed_dim=192, depth=6, num_heads=3, pred_depth=3, num_registers=8, num_prototypes=1024
+            patch_size=8, embed_dim=192, depth=6, num_heads=3, pred_depth=3, num_registers=8, num_prototypes=64
         ),
         mask=MaskConfig(prediction_subsampling=0.25),
-        optim=OptimConfig(lr=1e-3, weight_decay=0.05, momentum_peak=0.99),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.05, momentum_peak=0.95),
         image_size=64,
         batch_size=64,
         crop_scale=(0.1, 1.0),

@@ -1,0 +1,210 @@
+"""The small-scale recipe study (benchmarks/recipe_study.md): train `tiny` on Fashion-MNIST with the library's
+own CLI, one knob changed at a time from a fixed base, and score every run with the same frozen-feature k-NN.
+
+    python benchmarks/recipe_study.py                      # every study in STUDIES not yet in the results file
+    python benchmarks/recipe_study.py --only base k256     # just these
+    python benchmarks/recipe_study.py --table --plot       # the markdown table and the figure from the results
+
+Protocol (fixed for every row): `python -m capi_lab.train --preset tiny --data fashion-mnist --max-steps STEPS
+--batch-size BATCH --seed SEED` plus BASE and the row's flags, on the CPU; then the teacher's `global_repr` (and
+the mean patch token) of 10k seeded train images (the bank) and all 10k test images, k-NN top-1 with k=20, T=0.07
+(the protocol of benchmarks/fmnist_eval.sh). `init` is the same run's model before its first update (the `1-step
+checkpoint`: the learning rate is 0 at step 0 and the teacher momentum 1). One JSON line per run is appended to
+--results; a row already there is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASE = ["--model.num-prototypes", "1024", "--optim.momentum-peak", "0.99"]
+"""Every row starts from `tiny` as it was before this study (1024 prototypes, teacher momentum peak 0.99), so the
+rows stay reproducible whatever the preset becomes; a row's flags come after these and override them. The `tiny`
+preset is now the `k64+m0.95` row."""
+
+# name -> (flags on top of BASE, what the row tests)
+STUDIES: dict[str, tuple[list[str], str]] = {
+    "base": ([], "tiny before the study (the CLI defaults then)"),
+    "k64": (["--model.num-prototypes", "64"], "prototypes 64"),
+    "k256": (["--model.num-prototypes", "256"], "prototypes 256"),
+    "m0.95": (["--optim.momentum-peak", "0.95"], "teacher momentum peak 0.95"),
+    "lr5e-3": (["--optim.lr", "5e-3"], "lr 5e-3"),
+    "lr1e-3": (["--optim.lr", "1e-3"], "lr 1e-3"),
+    "pred1.0": (["--mask.prediction-subsampling", "1.0"], "predict every masked patch"),
+    "cl2.0": (["--optim.clustering-lr-ratio", "2.0"], "clustering lr 2x the backbone's"),
+    "ratio0.5": (["--mask.ratio", "0.5"], "mask ratio 0.5"),
+    "random": (["--mask.strategy", "random", "--mask.roll", "false"], "random masking"),
+    "crop0.3": (["--crop-scale", "0.3", "1.0"], "crop scale 0.3-1"),
+    "pdepth1": (["--model.pred-depth", "1"], "predictor depth 1"),
+    "patch7": (["--model.patch-size", "7"], "patch 7 (4x4 grid)"),
+    "m0.9": (["--optim.momentum-peak", "0.9"], "teacher momentum peak 0.9"),
+    "k64+m0.95": (
+        ["--model.num-prototypes", "64", "--optim.momentum-peak", "0.95"],
+        "prototypes 64, momentum 0.95 (tiny now)",
+    ),
+}
+
+
+def train(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Path, float]:
+    out = Path(args.runs) / name
+    cmd = [sys.executable, "-m", "capi_lab.train", "--preset", "tiny", "--data", "fashion-mnist",
+           "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--seed", str(args.seed), "--log-every", "50", "--checkpoint-every", str(args.steps),
+           *BASE, *flags]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out, time.perf_counter() - t0
+
+
+def initial_model(run_dir: Path, seed: int):
+    """The run's teacher before its first update: the student's initial backbone (``build_trainer`` seeds, then
+    builds the student first; the teacher copies its backbone)."""
+    import torch
+
+    from capi_lab.config import CAPIConfig
+    from capi_lab.model.capi import CAPIModel
+    from capi_lab.pretrained import read_checkpoint
+
+    cfg = CAPIConfig.from_dict(read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["config"])
+    torch.manual_seed(seed)
+    model = CAPIModel(cfg.model, student_head=True, clustering_head=False)
+    model.image_size = cfg.image_size
+    return model.eval()
+
+
+def evaluate(model, splits, linear: bool) -> dict[str, float]:
+    from capi_lab.evaluation import knn_accuracy, linear_accuracy
+    from capi_lab.features import extract_features
+
+    size = model.image_size
+    tr, te = (
+        extract_features(model, s, size, 256, pool_patches=True, progress=False) for s in (splits.train, splits.test)
+    )
+    y_tr, y_te = splits.train_labels, splits.test_labels
+    out = {
+        "knn_global": knn_accuracy(tr.global_repr, y_tr, te.global_repr, y_te, 20, 0.07),
+        "knn_mean_patch": knn_accuracy(tr.mean_patch, y_tr, te.mean_patch, y_te, 20, 0.07),
+    }
+    if linear:
+        out["linear_global"] = linear_accuracy(tr.global_repr, y_tr, te.global_repr, y_te)
+    return {k: round(100 * v, 2) for k, v in out.items()}
+
+
+def final_metrics(run_dir: Path, batch_size: int) -> dict[str, float]:
+    """The last logged training metrics, and the loop's time from the logged images/s (startup excluded)."""
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = logged[-1]
+    out = {k: round(last[k], 3) for k in ("capi_loss", "clustering_loss", "target_entropy", "prototypes_used")}
+    seconds, prev = 0.0, 0
+    for r in logged:
+        seconds += (r["step"] - prev) * batch_size / r["images_per_s"]
+        prev = r["step"]
+    return {**out, "loop_seconds": round(seconds, 1)}
+
+
+def run_study(args: argparse.Namespace) -> None:
+    import torch
+
+    from capi_lab import load_pretrained
+    from capi_lab.eval import load_labeled
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = Path(args.results)
+    done = set()
+    if results.exists():
+        done = {(r["name"], r["steps"], r["batch_size"], r["seed"]) for r in map(json.loads, results.open())}
+    splits = load_labeled("fashion-mnist", seed=0, limit_train=10000)
+    for name in args.only or list(STUDIES):
+        if name not in STUDIES:
+            raise SystemExit(f"error: unknown study {name!r}; known: {', '.join(STUDIES)}")
+        if (name, args.steps, args.batch_size, args.seed) in done:
+            print(f"{name}: already in {results}, skipped")
+            continue
+        flags, what = STUDIES[name]
+        run_dir, seconds = train(name, flags, args)
+        row = {"name": name, "what": what, "base_flags": " ".join(BASE), "flags": " ".join(flags), "steps": args.steps,
+               "batch_size": args.batch_size, "seed": args.seed, "command_seconds": round(seconds, 1)}  # fmt: skip
+        trained = load_pretrained(run_dir / "checkpoints" / "last.ckpt")
+        row.update(evaluate(trained, splits, args.linear))
+        row.update({f"init_{k}": v for k, v in evaluate(initial_model(run_dir, args.seed), splits, False).items()})
+        row.update(final_metrics(run_dir, args.batch_size))
+        row["gain_knn_global"] = round(row["knn_global"] - row["init_knn_global"], 2)
+        print(json.dumps(row), flush=True)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(path: Path) -> str:
+    head = "| row | what | steps × batch | loop s | k-NN global | k-NN mean patch | init k-NN | gain | entropy | used |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows(path):
+        lines.append(
+            f"| `{r['name']}` | {r['what']} | {r['steps']} × {r['batch_size']} | {r['loop_seconds']:.0f} | "
+            f"{r['knn_global']:.1f} | {r['knn_mean_patch']:.1f} | {r['init_knn_global']:.1f} | "
+            f"{r['gain_knn_global']:+.1f} | {r['target_entropy']:.2f} | {r['prototypes_used']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = rows(path)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(data)), 3.6))
+    x = range(len(data))
+    ax.bar([i - 0.2 for i in x], [r["knn_global"] for r in data], 0.4, label="trained, global_repr")
+    ax.bar([i + 0.2 for i in x], [r["knn_mean_patch"] for r in data], 0.4, label="trained, mean patch")
+    ax.scatter(list(x), [r["init_knn_global"] for r in data], color="k", marker="_", s=200, zorder=3,
+               label="same model at init")  # fmt: skip
+    ax.axhline(81.7, color="grey", ls="--", lw=1, label="raw pixels (81.7)")
+    ax.set_xticks(list(x), [f"{r['name']}\n{r['steps']}×{r['batch_size']}" for r in data], fontsize=7)
+    lo = min(min(r["init_knn_global"] for r in data), min(r["knn_global"] for r in data))
+    ax.set_ylim(lo - 3, 86)
+    ax.set_ylabel("Fashion-MNIST k-NN top-1 (%)")
+    ax.set_title("tiny on Fashion-MNIST: one knob at a time (k=20, 10k bank, 10k test)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="run only these rows of STUDIES")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--linear", action="store_true", help="also the logistic-regression probe (slower)")
+    ap.add_argument("--runs", default="runs/recipe_study", help="where the run folders go")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "recipe_study.jsonl"))
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the results and stop")
+    ap.add_argument("--plot", default=None, help="draw the results into this PNG and stop")
+    args = ap.parse_args()
+    if args.table or args.plot:
+        if args.table:
+            print(table(Path(args.results)))
+        if args.plot:
+            plot(Path(args.results), Path(args.plot))
+        return 0
+    run_study(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
