@@ -99,10 +99,12 @@ def test_reconstruct_view(wb, strategy):
 
 
 def test_reconstruction_beats_chance(wb):
-    """The default model's predictor names the teacher's cluster far above chance (1/1024)."""
+    """The default model's predictor names the teacher's cluster far above chance (1/K at top-1, 5/K at top-5):
+    its model card measures 21x and 9x on held-out photos."""
     imgs = ex.load_images(PHOTOS)[0]
-    top5 = np.mean([ex.reconstruct(wb.model, li.image, 64, seed=s)[0].top5 for li in imgs for s in range(2)])
-    assert top5 > 20 * 5 / wb.model.config.num_prototypes
+    recs = [ex.reconstruct(wb.model, li.image, 64, seed=s)[0] for li in imgs for s in range(2)]
+    k = wb.model.config.num_prototypes
+    assert np.mean([r.top1 for r in recs]) > 5 / k and np.mean([r.top5 for r in recs]) > 3 * 5 / k
 
 
 def test_reconstruct_rejects_bad_settings(wb):

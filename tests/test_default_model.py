@@ -61,3 +61,29 @@ def test_pca_is_sign_fixed_and_joint():
     assert ra.shape == (4, 5, 3) and rb.shape == (3, 6, 3)
     assert float(torch.cat([ra.flatten(), rb.flatten()]).min()) >= 0 and float(ra.max()) <= 1
     assert np.allclose(pca_rgb([a, b])[0].numpy(), ra.numpy())
+
+
+def test_the_build_script_measures_against_a_random_model_of_the_same_shape():
+    from scripts import build_default_model as build
+
+    model = capi_lab.load_pretrained("default")
+    twin = build.random_twin(model)
+    assert twin.config == model.config and twin.image_size == model.image_size
+    assert not torch.equal(twin.backbone.patch_embed.weight, model.backbone.patch_embed.weight)
+    photos = sorted(build.EXAMPLES.glob("*.jpg"))[:2]
+    agreement = build.predictor_agreement(model, photos, model.image_size, masks_per_image=2)
+    assert 0 <= agreement["top1"] <= agreement["top5"] <= 1 and agreement["images"] == 2
+    assert agreement["chance_top5"] == pytest.approx(5 / model.config.num_prototypes)
+    assert build.square(Image.new("RGB", (90, 40)), 64).size == (64, 64)
+
+
+def test_the_model_card_quotes_the_measured_metrics():
+    """The card's evaluation figures are those of default_metrics.json (written by the build script)."""
+    import json
+
+    metrics = json.loads((WEIGHTS / "default_metrics.json").read_text())
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    seg = metrics["seg_knn"]
+    for value in (seg["model"]["miou"], seg["random"]["miou"], metrics["agreement"]["top1"],
+                  metrics["agreement"]["top5"], metrics["fmnist_knn"]["model"], metrics["fmnist_knn"]["random"]):
+        assert f"{100 * value:.1f}" in card, value  # fmt: skip
