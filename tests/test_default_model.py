@@ -84,6 +84,12 @@ def test_the_model_card_quotes_the_measured_metrics():
     metrics = json.loads((WEIGHTS / "default_metrics.json").read_text())
     card = (WEIGHTS / "MODEL_CARD.md").read_text()
     seg = metrics["seg_knn"]
-    for value in (seg["model"]["miou"], seg["random"]["miou"], metrics["agreement"]["top1"],
-                  metrics["agreement"]["top5"], metrics["fmnist_knn"]["model"], metrics["fmnist_knn"]["random"]):
+    for value in (
+        seg["model"]["miou"],
+        seg["random"]["miou"],
+        metrics["agreement"]["top1"],
+        metrics["agreement"]["top5"],
+        metrics["fmnist_knn"]["model"],
+        metrics["fmnist_knn"]["random"],
+    ):
         assert f"{100 * value:.1f}" in card, value  # fmt: skip
