@@ -55,7 +55,7 @@ STUDIES: dict[str, tuple[list[str], str]] = {
 
 
 def train(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Path, float]:
-    out = Path(args.runs) / name
+    out = Path(args.runs) / f"{name}_{args.steps}x{args.batch_size}_seed{args.seed}"  # one folder per protocol
     cmd = [sys.executable, "-m", "capi_lab.train", "--preset", "tiny", "--data", "fashion-mnist",
            "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--seed", str(args.seed), "--log-every", "50", "--checkpoint-every", str(args.steps),
