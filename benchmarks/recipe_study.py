@@ -51,6 +51,10 @@ STUDIES: dict[str, tuple[list[str], str]] = {
         ["--model.num-prototypes", "64", "--optim.momentum-peak", "0.95"],
         "prototypes 64, momentum 0.95 (tiny now)",
     ),
+    "k256+m0.95": (
+        ["--model.num-prototypes", "256", "--optim.momentum-peak", "0.95"],
+        "prototypes 256, momentum 0.95 (one prototype per image at batch 256)",
+    ),
 }
 
 
@@ -59,7 +63,7 @@ def train(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Path, 
     cmd = [sys.executable, "-m", "capi_lab.train", "--preset", "tiny", "--data", "fashion-mnist",
            "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--seed", str(args.seed), "--log-every", "50", "--checkpoint-every", str(args.steps),
-           *BASE, *flags]  # fmt: skip
+           *BASE, *flags, *(["--compile"] if args.compile else [])]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return out, time.perf_counter() - t0
@@ -132,7 +136,8 @@ def run_study(args: argparse.Namespace) -> None:
         flags, what = STUDIES[name]
         run_dir, seconds = train(name, flags, args)
         row = {"name": name, "what": what, "base_flags": " ".join(BASE), "flags": " ".join(flags), "steps": args.steps,
-               "batch_size": args.batch_size, "seed": args.seed, "command_seconds": round(seconds, 1)}  # fmt: skip
+               "batch_size": args.batch_size, "seed": args.seed, "compile": args.compile,
+               "command_seconds": round(seconds, 1)}  # fmt: skip
         trained = load_pretrained(run_dir / "checkpoints" / "last.ckpt")
         row.update(evaluate(trained, splits, args.linear))
         row.update({f"init_{k}": v for k, v in evaluate(initial_model(run_dir, args.seed), splits, False).items()})
@@ -191,6 +196,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--linear", action="store_true", help="also the logistic-regression probe (slower)")
+    ap.add_argument("--compile", action="store_true", help="train with --compile (the 20-CPU-minute protocol)")
     ap.add_argument("--runs", default="runs/recipe_study", help="where the run folders go")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "recipe_study.jsonl"))
     ap.add_argument("--table", action="store_true", help="print the markdown table of the results and stop")

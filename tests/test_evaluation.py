@@ -195,6 +195,28 @@ def test_generated_segmentation_set_is_exact_and_deterministic(stamps):
     assert not set(map(str, sum(test.stamps, []))) & set(map(str, sum(ds.stamps, [])))  # unseen stamps
 
 
+class _PatchColour(torch.nn.Module):
+    """A 'model' whose patch features are the patch's mean colour (the output layout of CAPIModel.forward)."""
+
+    patch_size = 8
+
+    def forward(self, x):
+        fm = torch.nn.functional.avg_pool2d(x, self.patch_size).permute(0, 2, 3, 1)
+        return None, None, fm
+
+
+def test_seg_knn_finds_flat_coloured_objects_from_colour_alone(stamps):
+    from capi_lab.data import demo_photo_paths
+    from capi_lab.evaluation.segmentation import StampSegmentation, seg_knn_miou
+
+    train, test = (
+        StampSegmentation(stamps, demo_photo_paths(), n, 64, split) for n, split in ((40, "train"), (20, "test"))
+    )
+    row = seg_knn_miou(_PatchColour(), train, test, k=5, device="cpu")
+    # saturated red and green objects on photos: colour finds them (and their class) far above chance
+    assert row["fg_bg_miou"] > 0.65 and row["miou"] > 0.5, row
+
+
 def test_seg_knn_cli(stamps, tiny_checkpoint, capsys, tmp_path):
     args = ["seg-knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(stamps), "--n-train", "12",
             "--n-test", "6", "--image-size", "32"]  # fmt: skip

@@ -10,7 +10,8 @@ instances; the ``composite`` pretraining source uses only the train side.
 
 Evaluation (as the paper's k-NN segmentation): every train patch gets the majority label of its
 pixels; each test patch takes the temperature-weighted vote of its k most similar train patches;
-patch predictions are upsampled to pixels and scored by mean IoU over the classes present.
+patch predictions are upsampled to pixels and scored by mean IoU over the classes present, and, read as
+object-vs-background (any class against label 0), by a two-class mean IoU that asks only whether objects are found.
 """
 
 from __future__ import annotations
@@ -141,4 +142,6 @@ def seg_knn_miou(
     h, w = f_te.shape[1:3]
     pred = pred.view(-1, h, w).repeat_interleave(p, 1).repeat_interleave(p, 2)
     miou, acc = mean_iou(pred, y_te, n_cls)
-    return {"miou": miou, "pixel_acc": acc, "num_classes": n_cls, "k": k}
+    # the same predictions read as object vs background: does the model find objects, whatever their class?
+    fg_miou, _ = mean_iou((pred > 0).long(), (y_te > 0).long(), 2)
+    return {"miou": miou, "pixel_acc": acc, "fg_bg_miou": fg_miou, "num_classes": n_cls, "k": k}
