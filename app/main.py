@@ -29,13 +29,12 @@ import plotly.graph_objects as go  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without installing
 
 from capi_lab import explore as ex  # noqa: E402
-from capi_lab import render as rd  # noqa: E402
+from capi_lab.explore import render as rd  # noqa: E402
+from capi_lab.config import MASK_STRATEGY_NAMES  # noqa: E402
 from capi_lab.model.capi import CAPIModel, num_parameters  # noqa: E402
 from capi_lab.pretrained import CheckpointError, load_pretrained  # noqa: E402
 
-APP_DIR = Path(__file__).resolve().parent
-EXAMPLES_DIR = APP_DIR / "examples"
-EXAMPLES = sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+EXAMPLES = ex.example_photos()
 DEFAULT_RESOLUTION = 128
 MAX_RESOLUTION = 1024
 # system fonts only: the default theme would fetch Google Fonts
@@ -43,7 +42,7 @@ THEME = gr.themes.Default(
     font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"],
     font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
 )
-STRATEGIES = ["inverse_block", "block", "random"]
+STRATEGIES = list(MASK_STRATEGY_NAMES)
 GALLERY = dict(format="png", object_fit="contain", height="auto", preview=False)  # lossless, uncropped
 
 
@@ -361,7 +360,7 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860) -> dict[str,
         server_name=host,
         server_port=port,
         max_file_size=f"{ex.MAX_FILE_MB}mb",
-        allowed_paths=[str(EXAMPLES_DIR)],
+        allowed_paths=[str(ex.EXAMPLES_DIR)],
         theme=THEME,
         footer_links=["api"],
     )

@@ -8,7 +8,7 @@
 #       --max-steps 1900 --batch-size 256 --compile --log-every 50
 set -euo pipefail
 TINY=${1:-runs/fmnist_tiny_20min/checkpoints/last.ckpt}
-E="python -m capi_lab.eval"
+E="python -m capi_lab.evaluation"
 COMMON="--dataset fashion-mnist --limit-train 10000"
 for ck in raw-pixels random:tiny "$TINY" default; do
   $E classification --checkpoint "$ck" $COMMON

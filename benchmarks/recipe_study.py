@@ -119,7 +119,7 @@ def run_study(args: argparse.Namespace) -> None:
     import torch
 
     from capi_lab import load_pretrained
-    from capi_lab.eval import load_labeled
+    from capi_lab.evaluation.datasets import load_labeled
 
     torch.set_num_threads(os.cpu_count() or 1)
     results = Path(args.results)

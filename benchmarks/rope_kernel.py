@@ -19,8 +19,8 @@ import json
 import torch
 from sinkhorn_kernels import timed  # also switches Triton's interpreter on where there is no GPU
 
-from capi_lab import fused_rope
 from capi_lab.config import get_preset
+from capi_lab.kernels import fused_rope
 from capi_lab.model.rope import Rope
 
 SWEEP = [(8, 4), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (BLOCK_T, num_warps)

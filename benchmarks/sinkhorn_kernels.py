@@ -6,7 +6,7 @@
 Times forward + backward of ``capi_lab.losses.clustering_outputs`` both ways (CUDA events, medians), each
 kernel of the fused form with the bandwidth it reaches (bytes of logits read and gradient written per
 second), and how far the two forms' outputs are apart. ``--sweep`` also tries other tile sizes
-(``capi_lab.fused_clustering.BLOCKS``) and prints / saves the fastest. On a machine without a GPU it runs a
+(``capi_lab.kernels.fused_clustering.BLOCKS``) and prints / saves the fastest. On a machine without a GPU it runs a
 small shape through Triton's interpreter (a smoke test of the script, not a timing).
 """
 
@@ -22,7 +22,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from capi_lab import fused_clustering as fc  # noqa: E402
+from capi_lab.kernels import fused_clustering as fc  # noqa: E402
 from capi_lab.losses import clustering_outputs  # noqa: E402
 
 # (rows, prototypes, warps) per tile. Column kernel: with BLOCK_K >= 256 * warps the warps sit side by side
@@ -83,9 +83,9 @@ def main() -> None:
         return run
 
     step = {
-        True: lambda x: clustering_outputs(x, idx, fused=True),
-        False: torch.compile(lambda x: clustering_outputs(x, idx, fused=False)) if cuda and not args.no_baseline else
-        (lambda x: clustering_outputs(x, idx, fused=False)),
+        True: lambda x: clustering_outputs(x, idx, impl="fused"),
+        False: torch.compile(lambda x: clustering_outputs(x, idx, impl="potentials"))
+        if cuda and not args.no_baseline else (lambda x: clustering_outputs(x, idx, impl="eager")),
     }  # fmt: skip
     (ref, ref_grad), (got, got_grad) = fwd_bwd(False)(), fwd_bwd(True)()
     agreement = {

@@ -79,7 +79,7 @@ def main() -> None:
         "--sinkhorn",
         default="fused",
         choices=["fused", "single-pass", "max-every-step"],
-        help="'fused': the library default on CUDA (Triton kernels, capi_lab.fused_clustering); ablations: "
+        help="'fused': the library default on CUDA (Triton kernels, capi_lab.kernels.fused_clustering); ablations: "
         "'single-pass' is the compiled PyTorch form (capi_lab.sinkhorn), 'max-every-step' that form with a "
         "max-stabilised log-sum-exp in every half-iteration (two passes over the logits each)",
     )
@@ -87,7 +87,7 @@ def main() -> None:
         "--rope",
         default=None,
         choices=["fused", "traceable", "pytorch"],
-        help="'fused': one Triton kernel for q and k (capi_lab.fused_rope; the library default on CUDA); "
+        help="'fused': one Triton kernel for q and k (capi_lab.kernels.fused_rope; the library default on CUDA); "
         "'traceable': the same kernel launched by Inductor's generated code (CAPI_LAB_FUSED_ROPE=traceable); "
         "'pytorch': Rope's PyTorch form, compiled with the rest of the step (CAPI_LAB_FUSED_ROPE=0). "
         "Default: the library's setting",
@@ -111,11 +111,11 @@ def main() -> None:
 
     for key, value in inductor_options.items():  # read by torch.compile (--compile)
         setattr(inductor_config, key, value)
-    import capi_lab.fused_clustering as fc
+    import capi_lab.kernels.fused_clustering as fc
 
     if args.sinkhorn != "fused":
         fc.ENABLED = False
-    import capi_lab.fused_rope as fr
+    import capi_lab.kernels.fused_rope as fr
 
     if args.rope is not None:
         fr.ENABLED = args.rope != "pytorch"

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-MaskStrategy = Literal["random", "block", "inverse_block"]
+MaskStrategy = Literal["inverse_block", "block", "random"]
+MASK_STRATEGY_NAMES: tuple[str, ...] = get_args(MaskStrategy)
+"""The masking strategies (capi_lab.masking implements each), in the order the app lists them."""
 
 
 class ConfigError(ValueError):
@@ -113,8 +115,8 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.strategy in ("random", "block", "inverse_block"),
-            f"mask.strategy must be 'random', 'block' or 'inverse_block', got {self.strategy!r}",
+            self.strategy in MASK_STRATEGY_NAMES,
+            f"mask.strategy must be one of {', '.join(map(repr, MASK_STRATEGY_NAMES))}, got {self.strategy!r}",
         )
         _check(0.0 < self.ratio < 1.0, f"mask.ratio must be in (0, 1), got {self.ratio}")
         _check(

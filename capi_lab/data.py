@@ -86,12 +86,7 @@ class FileImages(ImageSource):
     def load(self, i: int, min_side: int | None = None) -> Image.Image:
         if (i, min_side) in self._cache:
             return self._cache[i, min_side]
-        with Image.open(self.paths[i]) as img:
-            short = min(img.size)
-            if min_side and img.format == "JPEG" and short >= 2 * min_side:
-                img.draft(None, (-(-img.width * min_side // short), -(-img.height * min_side // short)))
-            img.load()
-            rgb = to_rgb(ImageOps.exif_transpose(img))  # upright, as phone photos are shown (EXIF orientation)
+        rgb = read_image(self.paths[i], min_side=min_side)
         size = rgb.width * rgb.height * 3
         if self._cached + size <= self.cache_bytes:
             self._cache[i, min_side] = rgb
@@ -128,6 +123,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def read_image(
+    path: str | os.PathLike, min_side: int | None = None, max_side: int | None = None, info: dict | None = None
+) -> Image.Image:
+    """Decode an image file as upright 8-bit RGB: the one reader training, evaluation, features, the app and the
+    notebooks share. Turned upright by its EXIF orientation tag (as phone photos are shown); :func:`to_rgb`.
+
+    ``min_side``: a JPEG of at least twice that on its shorter side is decoded by libjpeg at a reduced scale that
+    keeps its shorter side at least ``min_side``. ``max_side``: a larger image is decoded at a reduced scale
+    (JPEG) and downscaled (Lanczos) to that longest side. ``info``, when given, receives the file's own
+    ``size`` and ``mode``. PIL's errors (``OSError``, ``Image.DecompressionBombError``, ...) pass through."""
+    with Image.open(path) as img:
+        if info is not None:
+            info.update(size=img.size, mode=img.mode)
+        short = min(img.size)
+        if min_side and img.format == "JPEG" and short >= 2 * min_side:
+            img.draft(None, (-(-img.width * min_side // short), -(-img.height * min_side // short)))
+        if max_side and max(img.size) > max_side:
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale
+        img.load()
+        rgb = to_rgb(ImageOps.exif_transpose(img))
+    if max_side and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def to_input(image: Image.Image) -> torch.Tensor:
+    """An RGB picture as the model's input ``[3, H, W]``: scaled to [0, 1] and ImageNet-normalised (the last steps
+    of :func:`train_transform` and :func:`eval_transform`, used alone by the app and the segmentation set)."""
+    return _TO_INPUT(image)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -401,15 +427,16 @@ def resolve_source(spec: str | os.PathLike) -> ImageSource:
 # ----------------------------------------------------------------------------- training stream
 
 
+_TO_INPUT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def train_transform(image_size: int, scale: tuple[float, float] = (0.6, 1.0)) -> v2.Compose:
     """RandomResizedCrop(scale 0.6-1 by default, bicubic) + horizontal flip + ImageNet normalization."""
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip(),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *_TO_INPUT.transforms,
         ]
     )
 
@@ -420,9 +447,7 @@ def eval_transform(image_size: int) -> v2.Compose:
         [
             v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC),
             v2.CenterCrop(image_size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *_TO_INPUT.transforms,
         ]
     )
 

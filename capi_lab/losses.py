@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from capi_lab import fused_clustering
+from capi_lab.kernels import fused_clustering
 from capi_lab.masking import MaskBatch
 from capi_lab.model.capi import CAPIBackbone
 from capi_lab.model.heads import ClusteringHead, StudentHead
-from capi_lab.sinkhorn import row_chunks, teacher_targets
+from capi_lab.sinkhorn import check_impl, default_impl, row_chunks, teacher_targets
 
 
 def soft_cross_entropy(
@@ -50,19 +50,19 @@ def teacher_step(
     student_temp: float = 0.12,
     sinkhorn_iters: int = 3,
     positionwise: bool = True,
-    fused: bool | None = None,
+    impl: str | None = None,
 ) -> TeacherOutput:
     """Teacher forward on the full images, clustering logits, Sinkhorn targets and clustering loss.
 
     Everything derived from the ``[b, n, K]`` assignments is reduced here (loss, entropy, argmax, rows at
-    ``predict_indices``), so a compiled step never has to write the full assignment tensor out. With
-    ``fused`` (default: on CUDA when Triton is there, see :mod:`capi_lab.fused_clustering`) that is done by
-    Triton kernels that read the logits once per Sinkhorn half-iteration.
+    ``predict_indices``), so a compiled step never has to write the full assignment tensor out. ``impl`` is the
+    Sinkhorn implementation (:data:`capi_lab.sinkhorn.IMPLS`; default :func:`capi_lab.sinkhorn.default_impl`):
+    with ``fused`` it is done by Triton kernels that read the logits once per Sinkhorn half-iteration.
     """
     with torch.no_grad():
         feats = teacher.encode(images).tokens[:, teacher.num_registers :]  # (b, n, D), enc_norm applied
     logits = clustering_head(feats.detach())  # (b, n, K)
-    return clustering_outputs(logits, predict_indices, target_temp, student_temp, sinkhorn_iters, positionwise, fused)
+    return clustering_outputs(logits, predict_indices, target_temp, student_temp, sinkhorn_iters, positionwise, impl)
 
 
 def clustering_outputs(
@@ -72,19 +72,22 @@ def clustering_outputs(
     student_temp: float = 0.12,
     sinkhorn_iters: int = 3,
     positionwise: bool = True,
-    fused: bool | None = None,
+    impl: str | None = None,
 ) -> TeacherOutput:
     """Everything :func:`teacher_step` takes from the clustering logits: Sinkhorn targets (rows at
-    ``predict_indices``), clustering loss (gradient into ``logits`` only), argmax and entropy."""
-    if fused_clustering.available(logits) if fused is None else fused:
+    ``predict_indices``), clustering loss (gradient into ``logits`` only), argmax and entropy. ``impl``: as in
+    :func:`teacher_step`; ``eager`` and ``potentials`` pair the targets with the clustering loss written for
+    that setting (a custom autograd function in blocks, or the plain form a compiler fuses)."""
+    impl = check_impl(impl or default_impl(logits.device, torch.compiler.is_compiling()))
+    if impl == "fused":
         return TeacherOutput(
             *fused_clustering.teacher_outputs(
                 logits, predict_indices, target_temp, student_temp, sinkhorn_iters, positionwise
             )
         )
-    compiled = torch.compiler.is_compiling()
+    compiled = impl == "potentials"
     with torch.no_grad():
-        q = teacher_targets(logits.detach(), target_temp, sinkhorn_iters, positionwise)
+        q = teacher_targets(logits.detach(), target_temp, sinkhorn_iters, positionwise, impl)
         if compiled:
             entropy = -torch.special.xlogy(q, q).sum(-1).mean()
         else:  # in blocks: no temporary the size of the logits (see capi_lab.sinkhorn)

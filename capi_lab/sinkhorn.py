@@ -1,28 +1,35 @@
 """Sinkhorn-Knopp balancing of teacher logits into soft cluster assignments (capi-method.md §3).
 
-The position-wise variant balances, for every patch position separately, how much each prototype
-is used across the images of the (global) batch. Under ``torch.distributed`` the image axis is split
-across ranks, so the max and the image-axis sums are all-reduced: every rank gets exactly what a
-single process would compute on the concatenated batch.
+The method, as the spec states it (position-wise; ``z = logits / temperature`` laid out ``[positions, images,
+prototypes]``)::
 
-The iterations are carried out on the two Sinkhorn scalings in log space ("potentials"): with
-``q = exp(z + log_u + log_v)``, dividing by the sum over images updates ``log_u`` (one value per
-position and prototype), and dividing by the sum over prototypes updates ``log_v`` (one value per
-token). This is exactly the spec's alternating normalisation of ``exp(z - max + 50)``, but
+    q = exp(z - z.amax(dim=1, keepdim=True) + 50)
+    for _ in range(n_iter):
+        q = q / q.sum(dim=1, keepdim=True)  # per position and prototype: even use across the images
+        q = q / q.sum(dim=2, keepdim=True)  # per token: a distribution over the prototypes
 
-* it cannot underflow: with the exp form a token whose scores sit ~150 below every prototype's best
-  image becomes a row of zeros and then NaN;
-* only the small scaling vectors are written between iterations, never a full ``[b, n, K]`` tensor,
-  so a compiled step reads the logits once per half-iteration (``[256, 196, 16384]`` fp32 would be
-  3.3 GB per pass at ViT-B / batch 256).
+:func:`sinkhorn_reference` is exactly that, and every implementation below is tested against it. The
+standard variant flattens positions and images into one axis first. Under ``torch.distributed`` the image
+axis is split across ranks and the image-axis max and sums are all-reduced, so every rank gets what one
+process would compute on the whole batch.
 
-Run eagerly (no torch.compile) that form materialises several temporaries per half-iteration, so
-there the first iteration is done on logarithms and the rest on the assignments themselves, which
-is the same computation again: after one log-space iteration every column holds an entry >= 1/B and
-every row one >= 1/K, so the multiplicative iterations cannot underflow either. The eager form works
-in place on one copy of the logits: on a CPU every new tensor the size of a batch's logits is fresh
-memory from the operating system, and touching it costs more than the arithmetic done on it (a new
-51 MB tensor ~15 ms on two cores, an in-place division of the same tensor ~2 ms).
+Three implementations compute the same assignments (:data:`IMPLS`; the training loop picks one per run and
+says which, :func:`default_impl`):
+
+* ``"potentials"`` — for a compiled step. The iterations are carried out on the two Sinkhorn scalings in
+  log space: with ``q = exp(z + log_u + log_v)``, dividing by the sum over images updates ``log_u`` (one value
+  per position and prototype), and dividing by the sum over prototypes updates ``log_v`` (one per token).
+  It cannot underflow (with the exp form a token whose scores sit ~150 below every prototype's best image
+  becomes a row of zeros, then NaN), and only the small scaling vectors are written between iterations, so
+  the compiled step reads the logits once per half-iteration instead of writing a ``[b, n, K]`` tensor.
+* ``"eager"`` — without a compiler that form makes several temporaries per half-iteration, so here the first
+  iteration is done on logarithms and the rest multiplicatively on the assignments, in place on one fp32
+  copy of the logits. After one log-space iteration every column holds an entry >= 1/B and every row one
+  >= 1/K, so the multiplicative iterations cannot underflow either. In place matters on a CPU: every new
+  tensor the size of the logits is fresh memory from the operating system, and touching it costs more than
+  the arithmetic done on it.
+* ``"fused"`` — Triton kernels that compute targets, loss and entropy together on a CUDA GPU
+  (:mod:`capi_lab.kernels.fused_clustering`, through :func:`capi_lab.losses.clustering_outputs`).
 """
 
 from __future__ import annotations
@@ -32,8 +39,39 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
+IMPLS = ("eager", "potentials", "fused")
+"""The Sinkhorn implementations (module docstring); :func:`default_impl` picks one for a device."""
 
-def _distributed() -> bool:
+
+def sinkhorn_reference(z: Float[Tensor, "n b k"], n_iter: int = 3) -> Float[Tensor, "n b k"]:
+    """The spec's position-wise Sinkhorn-Knopp, word for word (one process, fp32): the reference the faster
+    implementations are tested against. It underflows for score spreads beyond ~130 (see the module docstring)."""
+    q = torch.exp(z.float() - z.float().amax(dim=1, keepdim=True) + 50)
+    for _ in range(n_iter):
+        q = q / q.sum(dim=1, keepdim=True)
+        q = q / q.sum(dim=2, keepdim=True)
+    return q
+
+
+def default_impl(device: torch.device | str, compiled: bool) -> str:
+    """The implementation a step on ``device`` uses unless told otherwise: ``fused`` on a CUDA device when Triton
+    is installed (and ``CAPI_LAB_FUSED_SINKHORN`` is not 0), else ``potentials`` in a compiled step and
+    ``eager`` in an eager one."""
+    from capi_lab.kernels import fused_clustering
+
+    if torch.device(device).type == "cuda" and fused_clustering.ENABLED:
+        return "fused"
+    return "potentials" if compiled else "eager"
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown Sinkhorn implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    return impl
+
+
+def is_distributed() -> bool:
+    """Whether the image axis is split across ranks (an initialised process group of more than one)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -53,7 +91,7 @@ def _logsumexp_images(x: Tensor, chunked: bool = False) -> Tensor:
     """``logsumexp`` over the image axis (dim 0) of the global batch: max and sum are all-reduced.
     ``chunked``: the sum a block at a time, with temporaries of at most :data:`CHUNK` elements."""
     m = x.amax(dim=0, keepdim=True).detach()
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     if chunked:  # a block of images at a time (contiguous)
@@ -61,7 +99,7 @@ def _logsumexp_images(x: Tensor, chunked: bool = False) -> Tensor:
         s = sum(torch.exp(xc - m).sum(dim=0, keepdim=True) for xc in x.split(step))
     else:
         s = torch.exp(x - m).sum(dim=0, keepdim=True)
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(s, op=dist.ReduceOp.SUM)
     return m + torch.log(s)
 
@@ -70,7 +108,7 @@ def _log_sum_images(x: Tensor) -> Tensor:
     """``log(sum(exp(x)))`` over the image axis (dim 0) of the global batch, for ``x <= 0`` whose sums
     cannot underflow: one pass, no max."""
     s = torch.exp(x).sum(dim=0, keepdim=True)
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(s, op=dist.ReduceOp.SUM)
     return torch.log(s)
 
@@ -114,7 +152,7 @@ def _balance_(x: Float[Tensor, "b n k"], n_iter: int) -> Float[Tensor, "b n k"]:
     x.div_(x.sum(dim=2, keepdim=True))
     for _ in range(n_iter - 1):
         s = x.sum(dim=0, keepdim=True)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(s, op=dist.ReduceOp.SUM)
         x.div_(s)
         x.div_(x.sum(dim=2, keepdim=True))
@@ -122,16 +160,25 @@ def _balance_(x: Float[Tensor, "b n k"], n_iter: int) -> Float[Tensor, "b n k"]:
 
 
 def teacher_targets(
-    logits: Float[Tensor, "b n k"], temperature: float = 0.06, n_iter: int = 3, positionwise: bool = True
+    logits: Float[Tensor, "b n k"],
+    temperature: float = 0.06,
+    n_iter: int = 3,
+    positionwise: bool = True,
+    impl: str | None = None,
 ) -> Float[Tensor, "b n k"]:
     """Soft cluster assignments of every patch token from clustering-head logits ``[images, positions, K]``:
     each token's row sums to 1; per position, prototypes get even mass across the (global) batch.
-    Eagerly the result carries no gradient (the method uses it as a target)."""
+    ``impl`` is ``eager`` or ``potentials`` (default: ``potentials`` inside torch.compile, else ``eager``; the
+    ``fused`` kernels compute the loss with the targets, see :func:`capi_lab.losses.clustering_outputs`). The
+    ``eager`` result carries no gradient (the method uses it as a target)."""
+    impl = check_impl(impl or ("potentials" if torch.compiler.is_compiling() else "eager"))
+    if impl == "fused":
+        raise ValueError("the fused kernels return targets with the loss: call capi_lab.losses.clustering_outputs")
     z = logits.float() / temperature  # a new tensor, which the eager form balances in place
     b, n, k = z.shape
     if not positionwise:  # one axis of all tokens (of all images and ranks) to balance over
         z = z.reshape(b * n, 1, k)
-    if torch.compiler.is_compiling():
+    if impl == "potentials":
         log_u, log_v = sinkhorn_potentials(z, n_iter)
         q = torch.exp(z + log_u + log_v)
     else:  # targets: no gradient

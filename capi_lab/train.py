@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from capi_lab.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from capi_lab.cli import add_dataclass_arguments, deep_update, nest, read_yaml, write_yaml
 from capi_lab.config import CAPIConfig, ConfigError, get_preset
 from capi_lab.data import Batch, DataError, MaskCollator, PretrainStream, StreamSampler, batch_to, resolve_source
@@ -37,8 +37,9 @@ from capi_lab.losses import student_step, teacher_step
 from capi_lab.masking import MaskBatch, mask_counts
 from capi_lab.model.capi import CAPIModel
 from capi_lab.optim import ema_update_, param_groups, set_hparams
-from capi_lab.pretrained import FORMAT, load_pretrained, save_authors_checkpoint
+from capi_lab.pretrained import load_pretrained, save_authors_checkpoint
 from capi_lab.schedules import Schedules
+from capi_lab.sinkhorn import check_impl, default_impl
 
 log = logging.getLogger("capi_lab.train")
 
@@ -69,6 +70,9 @@ class RunConfig:
     """'auto' is bf16-mixed on GPUs and 32-true on CPU."""
     compile: bool = False
     """torch.compile the teacher step and the student step."""
+    sinkhorn: Literal["auto", "eager", "potentials", "fused"] = "auto"
+    """Sinkhorn-Knopp implementation (capi_lab.sinkhorn: all compute the same assignments); 'auto' is 'fused' on a
+    CUDA GPU with Triton, 'potentials' with --compile, else 'eager'."""
     cuda_graphs: bool = False
     """With --compile on a GPU: replay the compiled steps as CUDA graphs (torch.compile mode 'reduce-overhead'),
     so the host launches a few graphs a step instead of every kernel. Costs extra GPU memory."""
@@ -149,17 +153,18 @@ class TeacherStep(nn.Module):
     copy of the student head (unused in the forward) so that under FSDP it is sharded like the student
     head it follows; its state dict has the layout of a :class:`CAPIModel`."""
 
-    def __init__(self, teacher: CAPIModel, optim: Any):
+    def __init__(self, teacher: CAPIModel, optim: Any, sinkhorn: str):
         super().__init__()
         self.backbone, self.head, self.clustering_head = teacher.backbone, teacher.head, teacher.clustering_head
         self.o = optim
+        self.sinkhorn = sinkhorn
 
     def forward(self, images: Tensor, predict_indices: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         o = self.o
         return tuple(
             teacher_step(
                 self.backbone, self.clustering_head, images, predict_indices, o.target_temp, o.student_temp,
-                o.sinkhorn_iters, o.sinkhorn_positionwise,
+                o.sinkhorn_iters, o.sinkhorn_positionwise, self.sinkhorn,
             )
         )  # fmt: skip
 
@@ -205,10 +210,17 @@ class Trainer:
 
 
 def build_trainer(
-    fabric: Fabric, cfg: CAPIConfig, max_steps: int, compile: bool = False, seed: int = 0, cuda_graphs: bool = False
+    fabric: Fabric,
+    cfg: CAPIConfig,
+    max_steps: int,
+    compile: bool = False,
+    seed: int = 0,
+    cuda_graphs: bool = False,
+    sinkhorn: str = "auto",
 ) -> Trainer:
     """Models, step modules, optimizers and schedules, set up by Fabric. ``cuda_graphs`` (with ``compile``,
-    on CUDA) compiles the steps in mode 'reduce-overhead'; elsewhere it is ignored with a warning."""
+    on CUDA) compiles the steps in mode 'reduce-overhead'; elsewhere it is ignored with a warning. ``sinkhorn``:
+    the implementation (:data:`capi_lab.sinkhorn.IMPLS`), 'auto' for :func:`capi_lab.sinkhorn.default_impl`."""
     if cuda_graphs and not (compile and fabric.device.type == "cuda"):
         log.warning("CUDA graphs need --compile and a CUDA device; running without them")
         cuda_graphs = False
@@ -227,7 +239,11 @@ def build_trainer(
     teacher.head.requires_grad_(False)
     teacher.backbone.eval()  # no stochastic depth in the teacher
     o = cfg.optim
-    s_raw, t_raw = StudentStep(student, o.student_temp), TeacherStep(teacher, o)
+    if sinkhorn == "auto":
+        sinkhorn = default_impl(fabric.device, compile)
+    check_impl(sinkhorn)
+    log.info("Sinkhorn-Knopp: %s", sinkhorn)
+    s_raw, t_raw = StudentStep(student, o.student_temp), TeacherStep(teacher, o, sinkhorn)
     fsdp = _is_fsdp(fabric)
     mode = "reduce-overhead" if cuda_graphs else None
     s_step = fabric.setup_module(torch.compile(s_raw, mode=mode) if compile else s_raw)
@@ -315,92 +331,6 @@ def train_step(tr: Trainer, images: Tensor, masks: MaskBatch) -> dict[str, Tenso
 
 def _params(model: CAPIModel) -> list[Tensor]:
     return list(model.backbone.parameters()) + list(model.head.parameters())
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _state_dict_options(**kw: Any) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def checkpoint_state(tr: Trainer, run: RunConfig) -> dict[str, Any]:
-    """The one state dict for save/resume, as full (unsharded) tensors on the CPU; ``teacher`` (with
-    both heads, in :class:`CAPIModel` layout) is what load_pretrained uses. Collective under FSDP."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    opts = _state_dict_options(cpu_offload=True)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        "format": FORMAT,
-        "config": tr.cfg.to_dict(),
-        "run": run.to_dict(),
-        "student": get_model_state_dict(tr.student_module, options=opts),
-        "teacher": get_model_state_dict(tr.teacher_module, options=opts),
-        "optimizer": get_optimizer_state_dict(tr.student_module, _raw(tr.optimizer), options=opts),
-        "clustering_optimizer": get_optimizer_state_dict(
-            tr.teacher_module, _raw(tr.clustering_optimizer), options=opts
-        ),
-        "step": tr.step,
-        "stream_position": tr.step * run.capi.batch_size * tr.fabric.world_size,
-        "rng": rng,
-    }
-
-
-def _raw(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper -> the torch optimizer
-
-
-def save_checkpoint(tr: Trainer, run: RunConfig, ckpt_dir: Path) -> Path:
-    """Write ``step_XXXXXXX.ckpt`` atomically (temporary file, then rename) and point ``last.ckpt`` at it
-    with an atomic hard-link swap; keep the ``keep_checkpoints`` newest."""
-    fabric = tr.fabric
-    final = ckpt_dir / f"step_{tr.step:07d}.ckpt"
-    state = checkpoint_state(tr, run)  # every rank takes part (gathers shards under FSDP)
-    if fabric.global_rank == 0:
-        tmp = ckpt_dir / f".{final.name}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, final)
-        link_tmp = ckpt_dir / ".last.ckpt.tmp"
-        link_tmp.unlink(missing_ok=True)
-        try:
-            os.link(final, link_tmp)
-        except OSError:  # file systems without hard links
-            import shutil
-
-            shutil.copyfile(final, link_tmp)
-        os.replace(link_tmp, ckpt_dir / "last.ckpt")
-        periodic = sorted(ckpt_dir.glob("step_*.ckpt"))
-        for old in periodic[: max(len(periodic) - run.keep_checkpoints, 0)]:
-            old.unlink()
-    fabric.barrier()
-    return final
-
-
-def load_checkpoint(tr: Trainer, path: Path) -> dict[str, Any]:
-    """Restore models, optimizers, step and RNG states from a checkpoint (read without running code)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    opts = _state_dict_options(strict=True)
-    set_model_state_dict(tr.student_module, ck["student"], options=opts)
-    set_model_state_dict(tr.teacher_module, ck["teacher"], options=opts)
-    set_optimizer_state_dict(tr.student_module, _raw(tr.optimizer), ck["optimizer"], options=opts)
-    set_optimizer_state_dict(tr.teacher_module, _raw(tr.clustering_optimizer), ck["clustering_optimizer"], options=opts)
-    tr.step = int(ck["step"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    random.setstate(_as_tuple(ck["rng"]["python"]))
-    if "cuda" in ck["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return ck
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -509,7 +439,8 @@ class NaNLossError(RuntimeError):
 def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
     out_dir = Path(run.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed, run.cuda_graphs)
+    tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed, run.cuda_graphs, run.sinkhorn)
+    fabric.print(f"Sinkhorn-Knopp: {tr.teacher_module.sinkhorn} (--sinkhorn {run.sinkhorn})")
     last = ckpt_dir / "last.ckpt"
     if last.exists():
         load_checkpoint(tr, last)
@@ -613,32 +544,6 @@ def make_fabric(run: RunConfig) -> Fabric:
         precision=precision,
         loggers=loggers,
     )
-
-
-def check_resume_config(run: RunConfig) -> None:
-    """A run folder with a checkpoint must be resumed with the same method config."""
-    saved = Path(run.output_dir) / "config.yaml"
-    if not (Path(run.output_dir) / "checkpoints" / "last.ckpt").exists() or not saved.exists():
-        return
-    old = read_yaml(saved)
-    method = {f.name for f in dataclasses.fields(CAPIConfig)}  # every field of the method, crop_scale included
-    old_capi = CAPIConfig.from_dict({k: v for k, v in old.items() if k in method})
-    if old_capi != run.capi:
-        diff = [k for k, (a, b) in _flat_pairs(old_capi.to_dict(), run.capi.to_dict()).items() if a != b]
-        raise SystemExit(
-            f"error: {run.output_dir} holds a checkpoint of a run with different settings ({', '.join(diff)}). "
-            "Rerun with the same settings to resume, or choose a new --output-dir"
-        )
-
-
-def _flat_pairs(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    out = {}
-    for k in a:
-        if isinstance(a[k], dict):
-            out.update(_flat_pairs(a[k], b.get(k, {}), f"{prefix}{k}."))
-        else:
-            out[prefix + k] = (a[k], b.get(k))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

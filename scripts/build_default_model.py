@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from capi_lab import load_pretrained  # noqa: E402
 from capi_lab.data import cache_dir, demo_photo_paths, demo_photos, eval_transform, stamp_split  # noqa: E402
-from capi_lab.pca import pca_rgb  # noqa: E402
+from capi_lab.explore import EXAMPLES_DIR  # noqa: E402
+from capi_lab.explore.pca import pca_rgb  # noqa: E402
 from capi_lab.pretrained import DEFAULT_MODEL, model_state, read_checkpoint  # noqa: E402
 
 WEIGHTS = ROOT / "capi_lab" / "weights"
-EXAMPLES = ROOT / "app" / "examples"
 TRAIN_FLAGS = ["--preset", "default", "--data", "composite"]
 
 
@@ -101,8 +101,8 @@ def predictor_agreement(model, paths: list[Path], size: int, masks_per_image: in
 
 
 def fmnist_knn(model) -> float:
-    from capi_lab.eval import load_labeled
     from capi_lab.evaluation import knn_accuracy
+    from capi_lab.evaluation.datasets import load_labeled
     from capi_lab.features import extract_features
 
     splits = load_labeled("fashion-mnist", seed=0, limit_train=10000)
@@ -173,7 +173,7 @@ def pca_figure(model, paths: list[Path], out: Path, size: int, held_out: int) ->
 
 
 def figure_photos(n_held_out: int = 5) -> tuple[list[Path], int]:
-    examples = sorted(EXAMPLES.glob("*.jpg"))
+    examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
     unseen = held_out_photos()
     rng = np.random.default_rng(0)
     picked = [unseen[i] for i in sorted(rng.choice(len(unseen), min(n_held_out, len(unseen)), replace=False))]

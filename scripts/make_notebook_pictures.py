@@ -17,9 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from capi_lab import explore, render  # noqa: E402
-from capi_lab import notebook as nbk  # noqa: E402
+from capi_lab import explore  # noqa: E402
 from capi_lab.config import MaskConfig  # noqa: E402
+from capi_lab.explore import notebook as nbk  # noqa: E402
+from capi_lab.explore import render  # noqa: E402
 from capi_lab.masking import sample_mask  # noqa: E402
 from capi_lab.sinkhorn import teacher_targets  # noqa: E402
 

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402  (importing torch does not import triton)
 
 if not torch.cuda.is_available():
-    # capi_lab.fused_clustering's Triton kernels run through Triton's interpreter on the CPU; the switch is
+    # capi_lab.kernels.fused_clustering's Triton kernels run through Triton's interpreter on the CPU; the switch is
     # read when triton is imported, so it is set before anything imports it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -24,8 +24,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from capi_lab import fused_clustering as fc  # noqa: E402
-from capi_lab import fused_rope as fr  # noqa: E402
+from capi_lab.kernels import fused_clustering as fc  # noqa: E402
+from capi_lab.kernels import fused_rope as fr  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",

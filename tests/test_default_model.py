@@ -8,7 +8,7 @@ from PIL import Image
 import capi_lab
 from capi_lab import pretrained
 from capi_lab.data import demo_photos, eval_transform
-from capi_lab.pca import pca_basis, pca_rgb
+from capi_lab.explore.pca import pca_basis, pca_rgb
 
 WEIGHTS = pretrained.DEFAULT_MODEL.parent
 
@@ -70,7 +70,7 @@ def test_the_build_script_measures_against_a_random_model_of_the_same_shape():
     twin = build.random_twin(model)
     assert twin.config == model.config and twin.image_size == model.image_size
     assert not torch.equal(twin.backbone.patch_embed.weight, model.backbone.patch_embed.weight)
-    photos = sorted(build.EXAMPLES.glob("*.jpg"))[:2]
+    photos = capi_lab.explore.example_photos()[:2]
     agreement = build.predictor_agreement(model, photos, model.image_size, masks_per_image=2)
     assert 0 <= agreement["top1"] <= agreement["top5"] <= 1 and agreement["images"] == 2
     assert agreement["chance_top5"] == pytest.approx(5 / model.config.num_prototypes)

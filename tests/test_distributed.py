@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, port: int, logits: torch.Tensor, positionwise
     try:
         local = logits.chunk(world, dim=0)[rank]  # this rank's images
         if fused:  # the Triton kernels (through Triton's interpreter on the CPU; see conftest.py)
-            from capi_lab.fused_clustering import teacher_outputs
+            from capi_lab.kernels.fused_clustering import teacher_outputs
 
             out[rank] = teacher_outputs(local, None, 0.06, positionwise=positionwise)[0]
         else:

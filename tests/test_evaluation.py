@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 import capi_lab
-from capi_lab import eval as capi_eval
 from capi_lab import features as capi_features
 from capi_lab.data import FASHION_MNIST_DIR
+from capi_lab.evaluation import __main__ as capi_eval
 from capi_lab.evaluation import knn_accuracy, knn_predict, linear_accuracy
 from capi_lab.pretrained import model_state
 
@@ -222,7 +222,11 @@ def test_seg_knn_cli(stamps, tiny_checkpoint, capsys, tmp_path):
             "--n-test", "6", "--image-size", "32"]  # fmt: skip
     assert capi_eval.main(args) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["task"] == "seg-knn" and row["num_classes"] == 3 and 0 <= row["miou"] <= 1
+    assert row["task"] == "seg-knn" and row["num_classes"] == 3 and row["k"] == 10  # seg-knn's own default
+    assert row["n_train"] == 12 and row["n_test"] == 6 and row["classes"] == ["bars", "discs"]
+    # an explicit --k is kept, 20 included (it was once read as "not given" and replaced by 10)
+    assert capi_eval.main([*args, "--k", "20"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["k"] == 20
     with pytest.raises(SystemExit, match="fetch_demo_data.py --only tuxpaint"):
         capi_eval.main(["seg-knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(tmp_path / "none")])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import capi_lab.fused_clustering as fc  # noqa: E402
+import capi_lab.kernels.fused_clustering as fc  # noqa: E402
 
 if fc.triton is None:
     if sys.platform.startswith("linux"):  # the dev extra installs triton there: its absence is a broken set-up
@@ -118,7 +118,7 @@ def test_teacher_step_fused_and_pytorch_agree():
     outs, grads = [], []
     for fused in (False, True):
         head.zero_grad()
-        out = teacher_step(teacher, head, images, idx, fused=fused)
+        out = teacher_step(teacher, head, images, idx, impl="fused" if fused else "eager")
         out.clustering_loss.backward()
         outs.append(out)
         grads.append([p.grad.clone() for p in head.parameters()])
@@ -164,3 +164,19 @@ def test_triton_gets_the_kernels_own_functions():
         assert "tl" in fn.__globals__
     for helper in (fc._program_tokens, fc._tile):  # the Triton functions the kernels call
         assert helper.fn.__globals__ is vars(fc)
+
+
+@pytest.mark.parametrize("positionwise", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_the_spec_form(positionwise, dtype):
+    """The kernels' targets against capi_lab.sinkhorn.sinkhorn_reference, the spec's loop, on large scores."""
+    from capi_lab.losses import clustering_outputs
+    from capi_lab.sinkhorn import sinkhorn_reference
+
+    logits = (torch.randn(10, 6, 45) * 1.2).to(dtype)
+    z = logits.float() / 0.06
+    b, n, k = z.shape
+    want = sinkhorn_reference(z.transpose(0, 1) if positionwise else z.reshape(1, b * n, k), 3)
+    want = want.transpose(0, 1) if positionwise else want.reshape(b, n, k)
+    out = clustering_outputs(logits.to(DEVICE), None, positionwise=positionwise, impl="fused")
+    assert torch.allclose(out.targets.float().cpu(), want, atol=1e-5, rtol=1e-4)

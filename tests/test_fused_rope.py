@@ -1,4 +1,4 @@
-"""The fused RoPE kernel (capi_lab.fused_rope) against Rope's PyTorch form: forward, backward, custom-op
+"""The fused RoPE kernel (capi_lab.kernels.fused_rope) against Rope's PyTorch form: forward, backward, custom-op
 registration, and the attention layer using it.
 
 On a machine without a GPU the kernel runs through Triton's interpreter (tests/conftest.py switches it on)."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 import triton
 
-from capi_lab import fused_rope
+from capi_lab.kernels import fused_rope
 from capi_lab.model.block import Attention
 from capi_lab.model.rope import Rope
 
@@ -213,7 +213,7 @@ def test_on_by_default_and_switched_by_the_environment(setting, enabled, traceab
     env = {k: v for k, v in os.environ.items() if k != "CAPI_LAB_FUSED_ROPE"}
     if setting is not None:
         env["CAPI_LAB_FUSED_ROPE"] = setting
-    code = "from capi_lab import fused_rope as f; print(f.ENABLED, f.TRACEABLE)"
+    code = "from capi_lab.kernels import fused_rope as f; print(f.ENABLED, f.TRACEABLE)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(enabled), str(traceable)]

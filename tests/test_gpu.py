@@ -115,7 +115,7 @@ def test_fused_rope_step_matches_pytorch_rope(monkeypatch, no_shape_checks, trac
     """The compiled training step with RoPE as the Triton kernel (the CUDA default; also its traceable
     registration, which Inductor launches itself) and in PyTorch: the same losses, and the kernel is what
     the first one traced."""
-    from capi_lab import fused_rope
+    from capi_lab.kernels import fused_rope
     from capi_lab.train import train_step
 
     monkeypatch.setattr(fused_rope, "TRACEABLE", traceable)
@@ -161,7 +161,7 @@ def test_fused_sinkhorn_matches_pytorch_at_scale():
     out, grads = [], []
     for fused in (False, True):
         x = logits.clone().requires_grad_()
-        o = clustering_outputs(x, idx, fused=fused)
+        o = clustering_outputs(x, idx, impl="fused" if fused else "potentials")
         o.clustering_loss.backward()
         out.append(o)
         grads.append(x.grad.float())

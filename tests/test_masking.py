@@ -114,3 +114,12 @@ def test_seeds_reproduce():
 def test_too_few_patches_is_a_clear_error():
     with pytest.raises(ValueError, match="prediction_subsampling"):
         sample_masks(2, 3, 3, MaskConfig(prediction_subsampling=0.05), rng=0)
+
+
+def test_every_configurable_strategy_is_implemented():
+    from capi_lab.config import MASK_STRATEGY_NAMES, MaskConfig
+    from capi_lab.masking import MASK_STRATEGIES
+
+    assert set(MASK_STRATEGY_NAMES) == set(MASK_STRATEGIES)
+    with pytest.raises(ValueError, match="mask.strategy must be one of 'inverse_block', 'block', 'random'"):
+        MaskConfig(strategy="checkerboard")

@@ -57,7 +57,7 @@ def test_pinned_torch_matches_the_machine_wheels():
 
 
 def test_app_examples_are_attributed():
-    examples = ROOT / "app" / "examples"
+    examples = ROOT / "capi_lab" / "explore" / "examples"
     photos = sorted(p.name for p in examples.glob("*.jpg"))
     assert 6 <= len(photos) <= 8
     attribution = (examples / "ATTRIBUTION.md").read_text()

@@ -167,3 +167,45 @@ def test_eager_clustering_outputs_equal_the_autograd_form(monkeypatch, chunk):
     loss = _EagerClusteringLoss.apply(half, q.float(), 0.12)
     loss.backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
+
+
+def _spec_layout(z, positionwise):
+    """``[images, positions, K]`` -> the reference's ``[positions, images, K]`` (the standard variant: one axis)."""
+    b, n, k = z.shape
+    return z.transpose(0, 1) if positionwise else z.reshape(1, b * n, k)
+
+
+def _from_spec_layout(q, shape, positionwise):
+    return q.transpose(0, 1) if positionwise else q.reshape(shape)
+
+
+@pytest.mark.parametrize("impl", ["eager", "potentials"])
+@pytest.mark.parametrize("positionwise", [True, False])
+@pytest.mark.parametrize("case", ["usual", "large", "bf16"])
+def test_every_implementation_matches_the_spec_form(impl, positionwise, case):
+    """Each implementation against sinkhorn_reference (the spec's loop): usual scores, large ones (spreads of ~120
+    after the temperature, as the clustering head's cosine scores / 0.06 give) and bf16 logits."""
+    from capi_lab.sinkhorn import sinkhorn_reference
+
+    scale = {"usual": 0.2, "large": 1.2, "bf16": 0.2}[case]
+    logits = torch.randn(12, 7, 33) * scale
+    if case == "bf16":
+        logits = logits.bfloat16()
+    want = sinkhorn_reference(_spec_layout(logits.float() / 0.06, positionwise), 3)
+    want = _from_spec_layout(want, logits.shape, positionwise)
+    got = teacher_targets(logits, 0.06, 3, positionwise, impl=impl)
+    assert got.dtype == torch.float32 and torch.isfinite(want).all()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+
+
+def test_implementations_are_chosen_explicitly():
+    from capi_lab.kernels import fused_clustering
+    from capi_lab.sinkhorn import IMPLS, default_impl
+
+    assert default_impl("cpu", compiled=False) == "eager" and default_impl("cpu", compiled=True) == "potentials"
+    assert default_impl("cuda", compiled=False) == ("fused" if fused_clustering.ENABLED else "eager")
+    assert set(IMPLS) == {"eager", "potentials", "fused"}
+    with pytest.raises(ValueError, match="unknown Sinkhorn implementation 'exp'"):
+        teacher_targets(torch.randn(2, 3, 4), impl="exp")
+    with pytest.raises(ValueError, match="clustering_outputs"):
+        teacher_targets(torch.randn(2, 3, 4), impl="fused")

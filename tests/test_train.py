@@ -150,7 +150,8 @@ KILL_DURING_SAVE = r"""
 import os, signal, sys, torch
 from lightning.fabric import Fabric
 from capi_lab.config import get_preset, with_overrides
-from capi_lab.train import RunConfig, build_trainer, save_checkpoint
+from capi_lab.checkpoint import save_checkpoint
+from capi_lab.train import RunConfig, build_trainer
 cfg = with_overrides(get_preset("tiny"), **{"model.num_prototypes": 16})
 run = RunConfig(output_dir=sys.argv[1], capi=cfg)
 fabric = Fabric(accelerator="cpu", devices=1)
@@ -300,7 +301,7 @@ def test_compiled_steps_give_cuda_graphs_no_reason_to_skip(monkeypatch, no_shape
     import torch._inductor.cudagraph_utils as cudagraph_utils
     import torch._inductor.output_code as output_code
 
-    from capi_lab import fused_clustering, fused_rope
+    from capi_lab.kernels import fused_clustering, fused_rope
     from capi_lab.masking import MaskBatch, sample_masks
 
     verdicts = []
@@ -319,7 +320,6 @@ def test_compiled_steps_give_cuda_graphs_no_reason_to_skip(monkeypatch, no_shape
     monkeypatch.setattr(output_code, "cudagraph_post_compile", record)
     # triton.cudagraphs is what mode="reduce-overhead" sets; the verdicts are made while compiling: no caches
     inductor = {"triton.cudagraphs": True, "graph_partition": False, "fx_graph_cache": False}
-    monkeypatch.setattr(fused_clustering, "available", lambda x: True)
     monkeypatch.setattr(fused_rope, "available", lambda *a: True)
     kernels = []  # which fused ops the graphs hold (traced through these)
     for module, name in ((fused_clustering, "teacher_outputs"), (fused_rope, "rotate")):
@@ -330,7 +330,8 @@ def test_compiled_steps_give_cuda_graphs_no_reason_to_skip(monkeypatch, no_shape
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     try:
         with inductor_config.patch(inductor), torch._functorch.config.patch(enable_autograd_cache=False):
-            tr = train.build_trainer(train.Fabric(accelerator="cpu", devices=1, precision="32-true"), cfg, 10, True)
+            fabric = train.Fabric(accelerator="cpu", devices=1, precision="32-true")
+            tr = train.build_trainer(fabric, cfg, 10, compile=True, sinkhorn="fused")
             masks = MaskBatch(*sample_masks(8, 7, 7, cfg.mask, rng=0))
             out = train.train_step(tr, torch.randn(8, 3, 28, 28), masks)
     finally:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from capi_lab.data import IMAGENET_MEAN, IMAGENET_STD, cache_dir, demo_photo_paths, stamp_split
+from capi_lab.data import cache_dir, demo_photo_paths, stamp_split, to_input
 
 
 @dataclass
@@ -109,14 +109,12 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tupl
 
 
 def _features(model, ds: StampSegmentation, batch_size: int, device: torch.device, desc: str):
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     feats, labels = [], []
     for start in tqdm(range(0, len(ds), batch_size), desc=desc, unit="batch"):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im, _ in items])
+        x = torch.stack([to_input(im) for im, _ in items])
         with torch.no_grad():
-            fm = model(((x - mean) / std).to(device))[2].float().cpu()
+            fm = model(x.to(device))[2].float().cpu()
         feats.append(fm)
         labels.append(torch.stack([torch.from_numpy(lb) for _, lb in items]))
     return torch.cat(feats), torch.cat(labels)

@@ -10,10 +10,10 @@ import math
 from typing import Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from capi_lab import fused_rope
+from capi_lab.kernels import fused_rope
 
 
 def patch_coordinates(h: int, w: int, device: torch.device | None = None) -> Float[Tensor, "n 2"]:
@@ -112,7 +112,7 @@ class Rope(nn.Module):
         self-attention rotates its q and k heads in one call.
 
         On CUDA (with Triton) this is one Triton kernel that computes each angle's cosine and sine once for all
-        heads (:mod:`capi_lab.fused_rope`; ``CAPI_LAB_FUSED_ROPE=0`` switches it off); otherwise, and when the
+        heads (:mod:`capi_lab.kernels.fused_rope`; ``CAPI_LAB_FUSED_ROPE=0`` switches it off); otherwise, and when the
         table or coordinates need gradients, PyTorch.
         """
         if fused_rope.available(x, coords, self.freqs):
@@ -121,8 +121,3 @@ class Rope(nn.Module):
         cos, sin = angle.cos(), angle.sin()
         # each part on its own, so that each comes out as its own tensor, laid out (b, t, heads, hd)
         return tuple((p * cos + rotate_half(p) * sin).to(x.dtype) for p in x.chunk(parts, dim=2))
-
-
-def gather_tokens(x: Float[Tensor, "b n *d"], idx: Int[Tensor, "b m"]) -> Float[Tensor, "b m *d"]:
-    """``x[b, idx[b]]`` for every image ``b``."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from capi_lab import triton_support
+from capi_lab.kernels import triton_support
+from capi_lab.sinkhorn import is_distributed
 
 try:
     import triton
@@ -210,10 +211,6 @@ def available(x: Tensor) -> bool:
     return ENABLED and x.is_cuda
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 BLOCKS = {"col": {"BLOCK_B": 8, "BLOCK_K": 1024, "num_warps": 4}, "row": {"ROWS": 4, "BLOCK_K": 256, "num_warps": 4}}
 """Tile sizes: the column kernel streams ``BLOCK_B`` images x ``BLOCK_K`` prototypes at a time, the row
 kernels (row step, final, backward) ``ROWS`` tokens x ``BLOCK_K`` prototypes
@@ -233,7 +230,7 @@ def _col_step(x: Tensor, lv: Tensor | None, scale: float) -> Tensor:
     split = max(1, min(triton.cdiv(B, 4 * bb), triton.cdiv(2048, N * nkb)))
     per = triton.cdiv(triton.cdiv(B, split), bb) * bb
     split = triton.cdiv(B, per)
-    finish = split == 1 and not _distributed()  # the kernel can write log_u itself
+    finish = split == 1 and not is_distributed()  # the kernel can write log_u itself
     m = x.new_empty((split, N, K), dtype=torch.float32)
     s = m if finish else torch.empty_like(m)
     lv_arg = lv if lv is not None else m  # unused when HAS_LV is False
@@ -243,10 +240,10 @@ def _col_step(x: Tensor, lv: Tensor | None, scale: float) -> Tensor:
     if finish:
         return m[0]
     top = m.amax(0)
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
     total = (s * torch.exp(m - top)).sum(0)
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return -(top + torch.log(total))
 

@@ -16,8 +16,7 @@ from PIL import Image
 SMOKE = os.environ.get("CAPI_LAB_SMOKE", "") not in ("", "0")
 """True in smoke mode (``CAPI_LAB_SMOKE=1``)."""
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "app" / "examples"
+EXAMPLES = Path(__file__).resolve().parent / "examples"  # the package data capi_lab.explore.EXAMPLES_DIR
 
 
 def pick(full, smoke):
@@ -58,7 +57,7 @@ def generated_images(n: int, size: int = 96, seed: int = 0) -> list[Image.Image]
 def photos(n: int = 8) -> list[Image.Image]:
     """Up to ``n`` real photos: the app's bundled examples, then the demo photos that installed packages
     ship; synthetic images (with a note) if there are none."""
-    from capi_lab.data import demo_photo_paths, to_rgb
+    from capi_lab.data import demo_photo_paths, read_image
 
     paths = sorted(p for p in EXAMPLES.glob("*.jpg")) if EXAMPLES.is_dir() else []
     if len(paths) < n:
@@ -66,11 +65,11 @@ def photos(n: int = 8) -> list[Image.Image]:
     images = []
     for p in paths[:n]:
         try:
-            images.append(to_rgb(Image.open(p)))
+            images.append(read_image(p))
         except OSError:
             continue
     if not images:
-        print("note: no photos found (app/examples, scikit-image, ...); using generated images instead")
+        print("note: no photos found (capi_lab/explore/examples, scikit-image, ...); using generated images instead")
         return generated_images(n)
     return images
 

@@ -1,5 +1,5 @@
-"""What capi_lab's Triton kernel modules (:mod:`capi_lab.fused_clustering`, :mod:`capi_lab.fused_rope`) share:
-compiling a module's own kernel functions, and the check that tensors can run them."""
+"""What the Triton kernel modules (:mod:`.fused_clustering`, :mod:`.fused_rope`) share: compiling a module's
+own kernel functions, and the check that tensors can run them."""
 
 import inspect
 

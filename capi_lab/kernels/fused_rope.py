@@ -14,7 +14,7 @@ the backward needs a copy to split or join them.
 The forward is :func:`rotate` (a ``torch.library`` custom op with its own backward: the transposed map, by
 the same kernel with the sines swapped and negated), so a ``torch.compile``d step calls the kernel as one
 opaque node, or, with :data:`TRACEABLE`, launches it from Inductor's generated code. Like
-:mod:`capi_lab.fused_clustering`, the kernel runs on CUDA tensors, and on CPU tensors through Triton's
+:mod:`capi_lab.kernels.fused_clustering`, the kernel runs on CUDA tensors, and on CPU tensors through Triton's
 interpreter (how the CPU test suite checks it).
 
 On by default for CUDA tensors (``CAPI_LAB_FUSED_ROPE=0`` switches it off): on one H200 it made the compiled
@@ -28,7 +28,7 @@ import os
 import torch
 from torch import Tensor
 
-from capi_lab import triton_support
+from capi_lab.kernels import triton_support
 
 try:
     import triton

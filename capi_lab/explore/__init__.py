@@ -1,6 +1,6 @@
 """What a CAPI model sees in a handful of images: the computations behind the app and the notebooks.
 
-Everything here takes a model and PIL images or tensors and returns arrays; ``capi_lab.render`` turns
+Everything here takes a model and PIL images or tensors and returns arrays; ``capi_lab.explore.render`` turns
 them into pictures. The steps:
 
 * :func:`load_images` — read user files robustly (corrupt files, 16-bit, CMYK, alpha, huge images);
@@ -20,14 +20,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from capi_lab.config import MaskConfig
-from capi_lab.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from capi_lab.data import read_image, to_input
+from capi_lab.explore.pca import pca_basis, pca_rgb
 from capi_lab.masking import MASK_STRATEGIES, sample_mask
 from capi_lab.model.capi import CAPIModel
-from capi_lab.pca import pca_basis, pca_rgb
 from capi_lab.sinkhorn import sinkhorn_standard
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+"""The seven example photos the app and the notebooks start from (package data; sources in ATTRIBUTION.md)."""
+
+
+def example_photos() -> list[Path]:
+    """Paths of the bundled example photos, sorted by name."""
+    return sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
 
 MAX_IMAGES = 16
 """Images handled at once (more is an error naming the limit, not a silent cut)."""
@@ -65,23 +74,19 @@ def _read_one(path: Path) -> tuple[Image.Image | None, list[str]]:
     if size > MAX_FILE_MB * 2**20:
         return None, [f"{name}: {size / 2**20:.0f} MB is over the {MAX_FILE_MB} MB limit; downscale or recompress it"]
     notes: list[str] = []
+    info: dict = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            w0, h0 = img.size
-            if max(w0, h0) > MAX_INPUT_SIDE:
-                img.draft("RGB", (MAX_INPUT_SIDE, MAX_INPUT_SIDE))  # JPEG: decode at reduced scale
-            img = ImageOps.exif_transpose(img)
-            img.load()
+            img = read_image(path, max_side=MAX_INPUT_SIDE, info=info)
     except Image.DecompressionBombError:
         return None, [f"{name}: too many pixels to decode safely; downscale it below 100 megapixels first"]
     except (OSError, SyntaxError, ValueError) as e:
         kind = "not an image" if "cannot identify" in str(e) else f"a corrupt or truncated image ({e})"
         return None, [f"{name}: {kind}; upload a JPEG, PNG, WebP, BMP, GIF or TIFF image"]
+    (w0, h0), mode = info["size"], info["mode"]
     if min(w0, h0) < MIN_SIDE:
         return None, [f"{name}: {w0}x{h0} px is too small (each side needs at least {MIN_SIDE} px)"]
-    mode = img.mode
     if mode != "RGB":
         what = {
             "L": "greyscale",
@@ -95,9 +100,6 @@ def _read_one(path: Path) -> tuple[Image.Image | None, list[str]]:
             "F": "floating-point",
         }
         notes.append(f"{name}: {what.get(mode, mode)} image converted to 8-bit RGB")
-    img = to_rgb(img)
-    if max(img.size) > MAX_INPUT_SIDE:
-        img.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE), Image.Resampling.LANCZOS)
     if max(w0, h0) > MAX_INPUT_SIDE:
         notes.append(f"{name}: {w0}x{h0} px downscaled to {img.size[0]}x{img.size[1]} (max side {MAX_INPUT_SIDE})")
     return img, notes
@@ -139,9 +141,7 @@ def prepare(image: Image.Image, resolution: int, patch_size: int) -> tuple[torch
     """The model's input ``[1, 3, H, W]`` (ImageNet-normalised) and the resized RGB picture it shows."""
     W, H = fit_size(*image.size, resolution, patch_size)
     shown = image.resize((W, H), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-    return x[None], shown
+    return to_input(shown)[None], shown
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Evaluate frozen CAPI features.
 
-    python -m capi_lab.eval knn --checkpoint CKPT --dataset fashion-mnist
-    python -m capi_lab.eval linear --checkpoint CKPT --dataset path/to/folder_with_class_subfolders
-    python -m capi_lab.eval attentive --checkpoint CKPT --dataset fashion-mnist --limit-train 10000
-    python -m capi_lab.eval seg-knn --checkpoint CKPT --dataset tuxpaint
+    python -m capi_lab.evaluation knn --checkpoint CKPT --dataset fashion-mnist
+    python -m capi_lab.evaluation linear --checkpoint CKPT --dataset path/to/folder_with_class_subfolders
+    python -m capi_lab.evaluation attentive --checkpoint CKPT --dataset fashion-mnist --limit-train 10000
+    python -m capi_lab.evaluation seg-knn --checkpoint CKPT --dataset tuxpaint
 
 Prints one JSON line with the metrics. ``--checkpoint`` takes anything load_pretrained accepts, or
 ``raw-pixels`` for the pixel baseline. A folder dataset uses its ``train/`` and ``val/`` (or ``test/``)
@@ -18,108 +18,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from capi_lab.config import ConfigError
-from capi_lab.data import DataError, FileImages, ImageSource, eval_transform, list_images, load_fashion_mnist
+from capi_lab.data import DataError
+from capi_lab.evaluation.datasets import load_labeled, load_model, raw_pixels
 
-
-class Subset(ImageSource):
-    def __init__(self, source: ImageSource, indices: np.ndarray):
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, i: int, min_side: int | None = None):
-        return self.source.load(int(self.indices[i]), min_side)
-
-    def describe(self, i: int) -> str:
-        return self.source.describe(int(self.indices[i]))
-
-
-@dataclass
-class LabeledSplits:
-    train: ImageSource
-    train_labels: torch.Tensor
-    test: ImageSource
-    test_labels: torch.Tensor
-    classes: list[str]
-
-
-def _folder_split(root: Path) -> tuple[FileImages, np.ndarray, list[str]]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        found = list_images(root / name)
-        paths += found
-        labels += [c] * len(found)
-    if not paths or len(classes) < 2:
-        raise DataError(f"{root} needs at least two class sub-folders holding images (found {len(classes)})")
-    return FileImages(paths), np.array(labels), classes
-
-
-def load_labeled(
-    spec: str, seed: int = 0, limit_train: int | None = None, limit_test: int | None = None
-) -> LabeledSplits:
-    """Train and test splits with integer labels for ``fashion-mnist`` or a folder of class sub-folders."""
-    rng = np.random.default_rng(seed)
-    if spec == "fashion-mnist":
-        from capi_lab.data import FASHION_MNIST_CLASSES
-
-        tr, te = load_fashion_mnist("train"), load_fashion_mnist("test")
-        tr_idx, te_idx = np.arange(len(tr)), np.arange(len(te))
-        train, test, y_tr, y_te = tr, te, tr.labels, te.labels
-        classes = list(FASHION_MNIST_CLASSES)
-    else:
-        root = Path(spec)
-        if not root.is_dir():
-            raise DataError(f"--dataset {spec!r}: not 'fashion-mnist' and not a folder")
-        sub = {d.name for d in root.iterdir() if d.is_dir()}
-        test_name = next((n for n in ("val", "test") if n in sub), None)
-        if "train" in sub and test_name:
-            train, y_tr, classes = _folder_split(root / "train")
-            test, y_te, test_classes = _folder_split(root / test_name)
-            if test_classes != classes:
-                raise DataError(f"{root}/train and {root}/{test_name} have different class folders")
-        else:
-            train, y_tr, classes = _folder_split(root)
-            test, y_te = train, y_tr
-        tr_idx, te_idx = np.arange(len(train)), np.arange(len(test))
-        if test is train:  # stratified 80/20 split
-            is_test = np.zeros(len(y_tr), dtype=bool)
-            for c in np.unique(y_tr):
-                members = rng.permutation(np.flatnonzero(y_tr == c))
-                is_test[members[: max(1, len(members) // 5)]] = True
-            tr_idx, te_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    if limit_train and limit_train < len(tr_idx):
-        tr_idx = np.sort(rng.choice(tr_idx, limit_train, replace=False))
-    if limit_test and limit_test < len(te_idx):
-        te_idx = np.sort(rng.choice(te_idx, limit_test, replace=False))
-    return LabeledSplits(
-        Subset(train, tr_idx), torch.as_tensor(y_tr[tr_idx]).long(),
-        Subset(test, te_idx), torch.as_tensor(y_te[te_idx]).long(), classes,
-    )  # fmt: skip
-
-
-def load_model(spec: str, seed: int = 0):
-    """``random:PRESET`` is a freshly initialised model (the random-init baseline); anything else goes
-    to load_pretrained."""
-    import capi_lab
-
-    if spec.startswith("random:"):
-        torch.manual_seed(seed)
-        return capi_lab.create_model(spec.split(":", 1)[1]).eval()
-    return capi_lab.load_pretrained(spec)
-
-
-def raw_pixels(source: ImageSource, image_size: int) -> torch.Tensor:
-    tf = eval_transform(image_size)
-    return torch.stack([tf(source.load(i)).flatten() for i in range(len(source))])
+DEFAULT_K = {"seg-knn": 10}
+"""--k when it is not given: 10 neighbours for k-NN segmentation, 20 for classification (the paper's protocols)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from capi_lab.features import extract_features
     from capi_lab.pretrained import CheckpointError
 
-    ap = argparse.ArgumentParser(prog="python -m capi_lab.eval", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m capi_lab.evaluation", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "task",
         choices=["knn", "linear", "attentive", "seg-knn", "classification"],
@@ -140,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", choices=["global", "mean-patch"], default="global")
     ap.add_argument("--image-size", type=int, default=None, help="input side (default: the model's training size)")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--k", type=int, default=None, help="neighbours (default: 20; 10 for seg-knn)")
     ap.add_argument("--temperature", type=float, default=0.07)
     ap.add_argument("--limit-train", type=int, default=None, help="use a seeded random subset of the train split")
     ap.add_argument("--limit-test", type=int, default=None)
@@ -150,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
+    if args.k is None:
+        args.k = DEFAULT_K.get(args.task, 20)
     t0 = time.perf_counter()
     if args.task == "seg-knn":
         return _seg_knn(args, t0)
@@ -222,8 +130,7 @@ def _seg_knn(args: argparse.Namespace, t0: float) -> int:
         raise SystemExit(f"error: {e}") from None
     from capi_lab.evaluation.segmentation import seg_knn_miou
 
-    k = args.k if args.k != 20 else 10
-    metric = seg_knn_miou(model, train, test, k=k, temperature=args.temperature, device=args.device)
+    metric = seg_knn_miou(model, train, test, k=args.k, temperature=args.temperature, device=args.device)
     row = {
         "task": "seg-knn", "checkpoint": args.checkpoint, "dataset": args.dataset, "image_size": size, **metric,
         "classes": train.classes, "n_train": len(train), "n_test": len(test),
