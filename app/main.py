@@ -29,8 +29,8 @@ import plotly.graph_objects as go  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without installing
 
 from capi_lab import explore as ex  # noqa: E402
-from capi_lab.explore import render as rd  # noqa: E402
 from capi_lab.config import MASK_STRATEGY_NAMES  # noqa: E402
+from capi_lab.explore import render as rd  # noqa: E402
 from capi_lab.model.capi import CAPIModel, num_parameters  # noqa: E402
 from capi_lab.pretrained import CheckpointError, load_pretrained  # noqa: E402
 

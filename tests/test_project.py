@@ -29,11 +29,18 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert test_cmd in ci, ".ci/run must run the README's test command verbatim"
 
 
-def test_readme_main_job_arguments_are_valid():
+def test_readme_first_command_opens_the_app():
     run_cmd = _readme_commands()[0]
-    args = shlex.split(run_cmd.split("-m capi_lab.train", 1)[1].split("&&")[0])
+    assert run_cmd.endswith(".venv/bin/python app/main.py") and (ROOT / "app" / "main.py").is_file()
+
+
+def test_readme_quickstart_training_arguments_are_valid():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md's Pretrain section must hold the quick-start run after <!-- quickstart -->"
+    args = shlex.split(block.group(1).split("-m capi_lab.train", 1)[1])
     run = resolve_config(args)  # raises SystemExit on a bad flag
-    assert run.max_steps >= 1
+    assert run.max_steps == 150 and run.data == "demo-photos" and run.capi.image_size == 32
 
 
 def test_environment_yml_installs_the_same_package():
