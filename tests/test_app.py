@@ -94,7 +94,9 @@ def test_reconstruct_view(wb, strategy):
     rec, _ = ex.reconstruct(wb.model, ex.load_images(PHOTOS[1:2])[0][0].image, 64, strategy, 0.5, False, 3)
     assert rec.mask.sum() == 32  # half of the 8x8 patches
     assert (rec.predicted[rec.mask] >= 0).all() and (rec.predicted[~rec.mask] == -1).all()
-    assert 0 <= rec.top1 <= rec.top5 <= 1
+    # the scores are what the maps show: agreement over the masked patches, top-5 including top-1
+    assert rec.top1 == pytest.approx((rec.predicted == rec.teacher)[rec.mask].mean())
+    assert rec.top5 == pytest.approx(rec.in_top5[rec.mask].mean()) and rec.top5 >= rec.top1
     assert f"{rec.top1:.1%}" in status
 
 

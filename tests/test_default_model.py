@@ -55,7 +55,9 @@ def test_pca_is_sign_fixed_and_joint():
     _, comps2, _ = pca_basis(x[torch.randperm(200, generator=g)])
     assert torch.allclose(comps, comps2, atol=1e-4)  # same basis whatever the row order, same signs
     assert (comps.abs().argmax(1) == comps.argmax(1)).all()  # largest loading positive
-    assert (ratio[:-1] >= ratio[1:]).all() and ratio.sum() <= 1
+    # explained-variance ratios: the covariance's largest eigenvalues over its trace
+    eig = torch.linalg.eigvalsh(torch.cov(x.double().T)).flip(0)
+    assert torch.allclose(ratio.double(), eig[:3] / eig.sum(), atol=1e-5)
     a, b = torch.randn(4, 5, 8, generator=g), torch.randn(3, 6, 8, generator=g)
     ra, rb = pca_rgb([a, b])
     assert ra.shape == (4, 5, 3) and rb.shape == (3, 6, 3)
@@ -72,7 +74,9 @@ def test_the_build_script_measures_against_a_random_model_of_the_same_shape():
     assert not torch.equal(twin.backbone.patch_embed.weight, model.backbone.patch_embed.weight)
     photos = capi_lab.explore.example_photos()[:2]
     agreement = build.predictor_agreement(model, photos, model.image_size, masks_per_image=2)
-    assert 0 <= agreement["top1"] <= agreement["top5"] <= 1 and agreement["images"] == 2
+    assert agreement["images"] == 2 and agreement["top5"] >= agreement["top1"]
+    # the shipped model's predictor names its teacher's cluster far above chance, even on two photos
+    assert agreement["top1"] > 3 * agreement["chance_top1"] and agreement["top5"] > 3 * agreement["chance_top5"]
     assert agreement["chance_top5"] == pytest.approx(5 / model.config.num_prototypes)
     assert build.square(Image.new("RGB", (90, 40)), 64).size == (64, 64)
 

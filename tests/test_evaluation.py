@@ -84,7 +84,7 @@ def test_eval_cli_prints_one_json_line(task, colour_folder, tiny_checkpoint, cap
     )
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["task"] == task and row["image_size"] == 28 and row["n_test"] == 4
-    assert 0.0 <= row["top1"] <= 1.0
+    assert (row["top1"] * row["n_test"]).is_integer()  # an accuracy over the 4 test images
     capi_eval.main([task, "--checkpoint", "raw-pixels", "--dataset", str(colour_folder), "--k", "3"])
     assert json.loads(capsys.readouterr().out.strip())["top1"] == 1.0  # colours are separable in pixels
 
