@@ -153,12 +153,16 @@ def rows(path: Path) -> list[dict]:
 
 
 def table(path: Path) -> str:
-    head = "| row | what | steps × batch | loop s | k-NN global | k-NN mean patch | init k-NN | gain | entropy | used |"
+    head = (
+        "| row | what | steps × batch | loop s | k-NN global | k-NN mean patch | linear global | init k-NN | gain "
+        "| entropy | used |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows(path):
         lines.append(
             f"| `{r['name']}` | {r['what']} | {r['steps']} × {r['batch_size']} | {r['loop_seconds']:.0f} | "
-            f"{r['knn_global']:.1f} | {r['knn_mean_patch']:.1f} | {r['init_knn_global']:.1f} | "
+            f"{r['knn_global']:.1f} | {r['knn_mean_patch']:.1f} | "
+            f"{format(r['linear_global'], '.1f') if 'linear_global' in r else '–'} | {r['init_knn_global']:.1f} | "
             f"{r['gain_knn_global']:+.1f} | {r['target_entropy']:.2f} | {r['prototypes_used']} |"
         )
     return "\n".join(lines)
