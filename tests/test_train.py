@@ -449,7 +449,10 @@ def test_two_process_ddp_and_fsdp_on_cpu_train_alike_and_resume(images, tmp_path
 
 
 @pytest.mark.slow
-def test_loss_goes_down_on_real_photos(tmp_path):
+def test_loss_goes_down_on_real_photos(tmp_path, monkeypatch):
+    # the 16 photos the installed packages ship, whatever scripts/fetch_demo_data.py put in the cache (its 379
+    # photos, many of them PNGs decoded at full size, would make this a data-loading benchmark)
+    monkeypatch.setenv("CAPI_LAB_CACHE", str(tmp_path / "empty-cache"))
     out = tmp_path / "photos"
     args = ["--preset", "tiny", "--num-workers", "0", "--data", "demo-photos", "--output-dir", str(out),
             "--max-steps", "100", "--log-every", "10", "--batch-size", "32", "--image-size", "32"]  # fmt: skip
