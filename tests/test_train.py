@@ -105,6 +105,22 @@ def test_resume_is_exact(images, tmp_path, monkeypatch):
         assert [r[key] for r in once] == [r[key] for r in twice], key
 
 
+def test_the_sinkhorn_implementation_is_explicit():
+    """--sinkhorn auto picks per device (eager on a CPU without compile), a name is taken as given, and an unknown
+    one is refused at parse time."""
+    assert (
+        resolve_config([]).sinkhorn == "auto" and resolve_config(["--sinkhorn", "potentials"]).sinkhorn == "potentials"
+    )
+    with pytest.raises(SystemExit):
+        resolve_config(["--sinkhorn", "exp"])
+    cfg = capi_lab.config.with_overrides(capi_lab.config.get_preset("tiny"), batch_size=4)
+    fabric = train.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    assert train.build_trainer(fabric, cfg, 10).teacher_module.sinkhorn == "eager"
+    assert train.build_trainer(fabric, cfg, 10, sinkhorn="potentials").teacher_module.sinkhorn == "potentials"
+    with pytest.raises(ValueError, match="unknown Sinkhorn implementation"):
+        train.build_trainer(fabric, cfg, 10, sinkhorn="exp")
+
+
 def test_resume_with_other_settings_is_refused(images, tmp_path):
     out = tmp_path / "r"
     main([*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "2"])
