@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from capi_lab import load_pretrained  # noqa: E402
 from capi_lab.data import cache_dir, demo_photo_paths, demo_photos, eval_transform, stamp_split  # noqa: E402
-from capi_lab.explore import EXAMPLES_DIR  # noqa: E402
+from capi_lab.explore import example_photos  # noqa: E402
 from capi_lab.explore.pca import pca_rgb  # noqa: E402
 from capi_lab.pretrained import DEFAULT_MODEL, model_state, read_checkpoint  # noqa: E402
 
@@ -173,7 +173,7 @@ def pca_figure(model, paths: list[Path], out: Path, size: int, held_out: int) ->
 
 
 def figure_photos(n_held_out: int = 5) -> tuple[list[Path], int]:
-    examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    examples = example_photos()
     unseen = held_out_photos()
     rng = np.random.default_rng(0)
     picked = [unseen[i] for i in sorted(rng.choice(len(unseen), min(n_held_out, len(unseen)), replace=False))]

@@ -8,15 +8,12 @@ absent leads to a printed note and a fallback, never an error.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 SMOKE = os.environ.get("CAPI_LAB_SMOKE", "") not in ("", "0")
 """True in smoke mode (``CAPI_LAB_SMOKE=1``)."""
-
-EXAMPLES = Path(__file__).resolve().parent / "examples"  # the package data capi_lab.explore.EXAMPLES_DIR
 
 
 def pick(full, smoke):
@@ -58,8 +55,9 @@ def photos(n: int = 8) -> list[Image.Image]:
     """Up to ``n`` real photos: the app's bundled examples, then the demo photos that installed packages
     ship; synthetic images (with a note) if there are none."""
     from capi_lab.data import demo_photo_paths, read_image
+    from capi_lab.explore import example_photos
 
-    paths = sorted(p for p in EXAMPLES.glob("*.jpg")) if EXAMPLES.is_dir() else []
+    paths = example_photos()
     if len(paths) < n:
         paths += [p for p in demo_photo_paths() if p not in paths]
     images = []
