@@ -175,7 +175,7 @@ def plot(path: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = rows(path)
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(data)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(data)), 3.6))
     x = range(len(data))
     ax.bar([i - 0.2 for i in x], [r["knn_global"] for r in data], 0.4, label="trained, global_repr")
     ax.bar([i + 0.2 for i in x], [r["knn_mean_patch"] for r in data], 0.4, label="trained, mean patch")
