@@ -25,8 +25,10 @@ import numpy as np
 from PIL import Image
 
 from capi_lab.data import FileImages, resolve_source
+from capi_lab.launch import make_fabric
+from capi_lab.loader import make_loader
 from capi_lab.train import main as train_main
-from capi_lab.train import make_fabric, make_loader, resolve_config
+from capi_lab.train import resolve_config
 
 
 def write_jpegs(folder: Path, n: int, width: int, seed: int = 0) -> None:

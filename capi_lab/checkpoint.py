@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from capi_lab.cli import read_yaml
+from capi_lab.command_line import read_yaml
 from capi_lab.config import CAPIConfig
 from capi_lab.pretrained import FORMAT
 

@@ -7,8 +7,10 @@ when the config is built, with a message naming the field, not later inside a ma
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_type_hints
 
 MaskStrategy = Literal["inverse_block", "block", "random"]
 MASK_STRATEGY_NAMES: tuple[str, ...] = get_args(MaskStrategy)
@@ -212,35 +214,51 @@ class CAPIConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CAPIConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        d = dict(d)
-        parts = {}
-        for name, sub in (("model", ModelConfig), ("mask", MaskConfig), ("optim", OptimConfig)):
-            parts[name] = _build(sub, d.pop(name, {}) or {}, prefix=f"{name}.")
-        return _build(cls, {**d, **parts}, prefix="")
+        """Inverse of :meth:`to_dict`, through the same jsonargparse types as the command line (so YAML's
+        ``1e-3`` string, ints for floats and lists for tuples are read as the fields' types); an unknown key
+        or a value of the wrong type is a :class:`ConfigError` naming it."""
+        from jsonargparse import ArgumentError
 
-
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    _check(not unknown, f"unknown config field(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
-    values = {k: _coerce(v, fields[k], prefix + k) for k, v in values.items()}
-    return cls(**values)
-
-
-def _coerce(value: Any, type_name: str, name: str) -> Any:
-    """Undo what YAML/JSON/CLI round trips do to values: ints for floats, lists for tuples,
-    numeric strings ('1e-3', which YAML 1.1 reads as a string)."""
-    if isinstance(value, dict):
-        return value
-    if type_name.startswith("tuple") and isinstance(value, list):
-        return tuple(float(v) for v in value)
-    if type_name.startswith("float") and isinstance(value, int | str) and not isinstance(value, bool):
+        unknown = _unknown_keys(cls, d)
+        _check(not unknown, f"unknown config field(s) {unknown}; see capi_lab.config for the known ones")
+        parser = _dict_parser()
         try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    return value
+            ns = parser.instantiate(parser.parse_object(d))
+        except ArgumentError as e:
+            raise ConfigError(_type_error(str(e))) from None
+        return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
+
+
+def _unknown_keys(cls: type, d: dict[str, Any], prefix: str = "") -> list[str]:
+    hints = get_type_hints(cls)
+    out = []
+    for key, value in d.items():
+        if key not in hints:
+            out.append(prefix + key)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            out += _unknown_keys(hints[key], value, f"{prefix}{key}.")
+    return out
+
+
+@functools.cache
+def _dict_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(CAPIConfig, nested_key=None)
+    return parser
+
+
+_TYPE_NAMES = {"<class 'float'>": "a number", "<class 'int'>": "an integer", "<class 'bool'>": "true or false"}
+
+
+def _type_error(message: str) -> str:
+    """jsonargparse's 'Parser key "optim.lr": Expected a <class 'float'>. Got value: fast' as one line."""
+    m = re.search(r'key "([^"]+)":\s*Expected a (.+?)\. Got value: (.*)', message, re.S)
+    if m is None:
+        return " ".join(message.split())
+    key, expected, got = m.groups()
+    return f"{key} must be {_TYPE_NAMES.get(expected, expected)}, got {got.strip()!r}"
 
 
 def _tiny() -> CAPIConfig:

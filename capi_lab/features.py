@@ -9,7 +9,6 @@ file (image list as JSON in its metadata) or an ``.npz`` (image list as the ``pa
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from capi_lab.command_line import instantiate, new_parser, normalise_argv, parse, shorthand_flags
+from capi_lab.config import ConfigError
 from capi_lab.data import DataError, ImageSource, eval_transform, resolve_source
 from capi_lab.model.capi import CAPIModel
 
@@ -104,22 +105,49 @@ def save_features(path: str | Path, feats: Features, names: list[str]) -> Path:
     return path
 
 
+@dataclass
+class FeaturesConfig:
+    """Extract frozen CAPI features of a set of images into one file."""
+
+    checkpoint: str
+    """A capi_lab checkpoint, an authors' .pth, or a published name ('default', 'capi_vitl14_lvd', ...)."""
+    images: str
+    """Image folder (recursive), list file, 'demo-photos' or 'fashion-mnist'."""
+    out: str
+    """Output file: .safetensors or .npz."""
+    image_size: int | None = None
+    """Square input side in pixels (default: 16 patches)."""
+    batch_size: int = 32
+    """Images per forward pass."""
+    no_patches: bool = False
+    """Do not store the patch feature maps (only the global and register features)."""
+    device: str | None = None
+    """'cpu' or 'cuda' (default: cuda when available)."""
+
+    def __post_init__(self) -> None:
+        if not self.out.endswith((".safetensors", ".npz")):
+            raise ConfigError(f"--out must end in .safetensors or .npz, got {self.out!r}")
+        for name in ("batch_size", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name} must be > 0, got {value}")
+
+
+def parse_args(argv: list[str] | None = None) -> FeaturesConfig:
+    parser = new_parser("python -m capi_lab.features", __doc__.split("\n\n")[0])
+    parser.add_class_arguments(FeaturesConfig, nested_key=None)
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv, shorthand_flags(FeaturesConfig))
+    ns = parse(parser, argv, errors=(ConfigError,))
+    try:
+        return instantiate(FeaturesConfig, ns)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from capi_lab.pretrained import CheckpointError, load_pretrained
 
-    ap = argparse.ArgumentParser(prog="python -m capi_lab.features", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="capi_lab checkpoint, authors' .pth, or a published name")
-    ap.add_argument(
-        "--images", required=True, help="image folder (recursive), list file, 'demo-photos', 'fashion-mnist'"
-    )
-    ap.add_argument("--out", required=True, help="output file: .safetensors or .npz")
-    ap.add_argument("--image-size", type=int, default=None, help="square input side (default: 16 patches)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--no-patches", action="store_true", help="do not store the patch feature maps")
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    args = ap.parse_args(argv)
-    if not args.out.endswith((".safetensors", ".npz")):
-        raise SystemExit(f"error: --out must end in .safetensors or .npz, got {args.out!r}")
+    args = parse_args(argv)
     try:
         source = resolve_source(args.images)
         model = load_pretrained(args.checkpoint)

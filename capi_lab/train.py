@@ -10,29 +10,39 @@ Rerunning the same command continues from ``DIR/checkpoints/last.ckpt``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse import ArgumentParser
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from capi_lab.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
-from capi_lab.cli import add_dataclass_arguments, deep_update, nest, read_yaml, write_yaml
+from capi_lab.command_line import (
+    config_files,
+    flag_value,
+    flatten,
+    instantiate,
+    new_parser,
+    normalise_argv,
+    parse,
+    read_yaml,
+    shorthand_flags,
+    write_yaml,
+)
 from capi_lab.config import CAPIConfig, ConfigError, get_preset
-from capi_lab.data import Batch, DataError, MaskCollator, PretrainStream, StreamSampler, batch_to, resolve_source
+from capi_lab.data import DataError, resolve_source
+from capi_lab.launch import is_fsdp, make_fabric
+from capi_lab.loader import DeviceBatches, make_loader
 from capi_lab.losses import student_step, teacher_step
 from capi_lab.masking import MaskBatch, mask_counts
 from capi_lab.model.capi import CAPIModel
@@ -46,10 +56,11 @@ log = logging.getLogger("capi_lab.train")
 
 @dataclass
 class RunConfig:
-    """How a pretraining run is executed (the method itself is in ``capi``)."""
+    """How a pretraining run is executed; the method (model, mask, optim, image_size, batch_size, crop_scale)
+    follows, its defaults those of the preset."""
 
     preset: str = "tiny"
-    """Named preset the CAPI config starts from (tiny, vit_s16, vit_b16, vit_l14)."""
+    """Named preset the CAPI config starts from (tiny, default, vit_s16, vit_b16, vit_l14)."""
     data: str = "demo-photos"
     """Image folder (recursive), text file of image paths, 'fashion-mnist' or 'demo-photos'."""
     output_dir: str = "runs/capi"
@@ -92,6 +103,24 @@ class RunConfig:
     capi: CAPIConfig = field(default_factory=CAPIConfig)
     """The method: model, mask, optim, image_size, batch_size (filled from the preset)."""
 
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.cuda_graphs and not self.compile:
+            raise ConfigError("--cuda-graphs replays the compiled steps: add --compile")
+        if self.cuda_graphs and self.strategy == "fsdp":
+            raise ConfigError(
+                "--cuda-graphs does not work with --strategy fsdp (FSDP gathers the parameters into new "
+                "buffers every step); drop --cuda-graphs"
+            )
+        if self.strategy == "fsdp" and not self.devices.isdigit():
+            raise ConfigError(f"--strategy fsdp needs a number of --devices, got {self.devices!r}")
+        grid = self.capi.image_size // self.capi.model.patch_size
+        try:
+            mask_counts(grid * grid, self.capi.mask)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def to_dict(self) -> dict[str, Any]:
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "capi"}
         return {**run, **self.capi.to_dict()}
@@ -99,49 +128,36 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- configuration
 
+SHORTHANDS = shorthand_flags(RunConfig, flatten=frozenset({"capi"}))
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m capi_lab.train",
-        description="Pretrain CAPI. Any config field can be overridden: --optim.lr 5e-4, --mask.strategy block, "
-        "--model.drop-path-rate 0.1, --batch-size 128 ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+def build_parser(preset: str = RunConfig.preset) -> ArgumentParser:
+    """The training command line, its defaults those of ``preset``."""
+    parser = new_parser(
+        "python -m capi_lab.train",
+        "Pretrain CAPI. Any config field can be overridden: --optim.lr 5e-4, --mask.strategy block, "
+        "--model.drop_path_rate 0.1, --batch_size 128 ... (dashes work too: --batch-size).",
+        config_help="YAML file of settings (the keys of DIR/config.yaml); flags given with it win",
     )
-    parser.add_argument("--config", help="YAML file of settings (same keys as DIR/config.yaml)")
-    add_dataclass_arguments(parser, RunConfig, flatten=frozenset({"capi"}))
+    parser.add_class_arguments(RunConfig, nested_key=None, skip={"capi"})
+    parser.add_class_arguments(CAPIConfig, nested_key=None)
+    parser.set_defaults({**flatten(dataclasses.asdict(get_preset(preset))), "preset": preset})
     return parser
 
 
 def resolve_config(argv: list[str] | None = None) -> RunConfig:
-    """Preset < ``--config`` YAML < command-line flags, validated."""
-    args = vars(build_parser().parse_args(argv))
-    file_cfg = read_yaml(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    flags = nest(args)
-    merged = deep_update(file_cfg, flags)
-    run_names = {f.name for f in dataclasses.fields(RunConfig)} - {"capi"}
-    run_values = {k: merged.pop(k) for k in list(merged) if k in run_names}
-    preset = run_values.get("preset", RunConfig.preset)
+    """Preset < ``--config`` YAML < command-line flags, validated by the config dataclasses."""
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv, SHORTHANDS)
+    preset = flag_value(argv, "--preset")
+    for path in reversed(config_files(argv)):
+        if preset is None:
+            preset = read_yaml(path).get("preset")
     try:
-        capi = CAPIConfig.from_dict(deep_update(get_preset(preset).to_dict(), merged))
-        run = RunConfig(**run_values, capi=capi)
-    except (ConfigError, TypeError) as e:
+        parser = build_parser(preset or RunConfig.preset)
+        ns = parser.instantiate(parse(parser, argv, errors=(ConfigError,)))
+        return instantiate(RunConfig, ns, capi=instantiate(CAPIConfig, ns))
+    except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if run.max_steps < 1:
-        raise SystemExit("error: --max-steps must be >= 1")
-    if run.cuda_graphs and not run.compile:
-        raise SystemExit("error: --cuda-graphs replays the compiled steps: add --compile")
-    if run.cuda_graphs and run.strategy == "fsdp":
-        raise SystemExit(
-            "error: --cuda-graphs does not work with --strategy fsdp (FSDP gathers the parameters into new "
-            "buffers every step); drop --cuda-graphs"
-        )
-    grid = run.capi.image_size // run.capi.model.patch_size
-    try:
-        mask_counts(grid * grid, run.capi.mask)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    return run
 
 
 # ----------------------------------------------------------------------------- the two step modules
@@ -244,7 +260,7 @@ def build_trainer(
     check_impl(sinkhorn)
     log.info("Sinkhorn-Knopp: %s", sinkhorn)
     s_raw, t_raw = StudentStep(student, o.student_temp), TeacherStep(teacher, o, sinkhorn)
-    fsdp = _is_fsdp(fabric)
+    fsdp = is_fsdp(fabric)
     mode = "reduce-overhead" if cuda_graphs else None
     s_step = fabric.setup_module(torch.compile(s_raw, mode=mode) if compile else s_raw)
     t_step = fabric.setup_module(torch.compile(t_raw, mode=mode) if compile else t_raw)
@@ -269,27 +285,6 @@ def build_trainer(
         fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules, s_raw, t_raw,
         cuda_graphs=cuda_graphs,
     )  # fmt: skip
-
-
-def _is_fsdp(fabric: Fabric) -> bool:
-    from lightning.fabric.strategies import ModelParallelStrategy
-
-    return isinstance(fabric.strategy, ModelParallelStrategy)
-
-
-def shard_blocks(module: nn.Module, mesh: Any) -> nn.Module:
-    """FSDP2: shard every transformer block, then the rest. Parameters are sharded one by one along
-    their first axis, so the teacher's shards line up with the student's and the EMA is local."""
-    from torch.distributed.fsdp import fully_shard
-
-    from capi_lab.model.block import Block
-
-    dp = mesh["data_parallel"]
-    for m in module.modules():
-        if isinstance(m, Block):
-            fully_shard(m, mesh=dp)
-    fully_shard(module, mesh=dp)
-    return module
 
 
 def train_step(tr: Trainer, images: Tensor, masks: MaskBatch) -> dict[str, Tensor]:
@@ -364,72 +359,6 @@ class MetricsWindow:
         out = {**means, "prototypes_used": int((used > 0).sum()), "images_per_s": self.images * fabric.world_size / dt}
         self.reset()
         return out
-
-
-def default_workers(device_type: str, cores: int, local_rank: int = 0, gpus: int = 0) -> int:
-    """Loader workers per process for ``--num-workers -1``. Training on a CPU with fewer than 4 cores: none,
-    since the step already uses every core and a loader process competing with it costs more than the loading
-    it does (the README's quick start on 2 cores: 33 s without a worker, 37 s with one; benchmarks/RESULTS.md).
-    Otherwise cores / processes - 1, at most 8 on a CPU (the step needs the cores) and 16 on a GPU: one core
-    decodes, crops and normalizes ~190 of the demo photos (median 751x563) or ~410 JPEGs of 500x375 a second
-    at 224 px (2-core development machine, nothing cached), and a compiled ViT-B/16 step on an H200 takes
-    ~3800 images/s."""
-    if device_type == "cpu" and cores < 4:
-        return 0
-    cap = 16 if device_type == "cuda" else 8
-    workers = max(0, min(cap, cores // max(local_rank + 1, 1) - 1))
-    return min(workers, max(cores // max(gpus, 1) - 1, 0))
-
-
-def make_loader(run: RunConfig, fabric: Fabric, source: Any, start_step: int) -> torch.utils.data.DataLoader:
-    cfg = run.capi
-    grid = (cfg.image_size // cfg.model.patch_size,) * 2
-    workers = run.num_workers
-    if workers < 0:
-        workers = default_workers(fabric.device.type, os.cpu_count() or 1, fabric.local_rank, torch.cuda.device_count())
-    return torch.utils.data.DataLoader(
-        PretrainStream(source, cfg.image_size, run.seed, cfg.crop_scale, run.full_decode),
-        batch_size=cfg.batch_size,
-        sampler=StreamSampler(cfg.batch_size, fabric.global_rank, fabric.world_size, start_step),
-        collate_fn=MaskCollator(grid, cfg.mask, run.seed),
-        num_workers=workers,
-        pin_memory=fabric.device.type == "cuda",
-        persistent_workers=workers > 0,
-        # 4 batches ahead per worker, 2 with more than 4 workers (a ViT-B/16 batch of 256 is 154 MB of shared
-        # memory: 16 workers x 4 would hold 10 GB)
-        prefetch_factor=(4 if workers <= 4 else 2) if workers > 0 else None,
-    )
-
-
-class DeviceBatches:
-    """The loader's batches on the training device, each copied on a side stream.
-
-    The training loop never waits for the GPU, so when it asks for batch ``n + 1`` the GPU is still running
-    step ``n``. On CUDA the batch's copy then goes on a side stream, from the loader's page-locked memory, and
-    the copy engine moves it while step ``n`` computes; on the compute stream it would wait for step ``n`` to
-    finish, and step ``n + 1`` for it (a ViT-B/16 batch of 256 fp32 images is 154 MB: milliseconds over PCIe).
-    Nothing is fetched ahead of time, so a slow loader never holds up a step whose batch is ready. Elsewhere it
-    is ``fabric.to_device``.
-    """
-
-    def __init__(self, loader: Iterator[Batch], fabric: Fabric):
-        self.loader, self.fabric = loader, fabric
-        self.stream = torch.cuda.Stream(fabric.device) if fabric.device.type == "cuda" else None
-
-    def __iter__(self) -> DeviceBatches:
-        return self
-
-    def __next__(self) -> Batch:
-        batch = next(self.loader)
-        if self.stream is None:
-            return batch_to(batch, self.fabric.to_device)
-        with torch.cuda.stream(self.stream):
-            batch = batch_to(batch, lambda t: t.to(self.fabric.device, non_blocking=True))
-        compute = torch.cuda.current_stream(self.fabric.device)
-        compute.wait_stream(self.stream)  # the step starts once its batch has arrived
-        for t in (batch.images, *batch.masks):
-            t.record_stream(compute)  # keeps the allocator from reusing it before the step is done
-        return batch
 
 
 class NaNLossError(RuntimeError):
@@ -510,40 +439,6 @@ def _check_nan(pending: tuple[int, Tensor], nan_steps: list[int], ckpt_dir: Path
             f"The last good checkpoint is left in place at {ckpt_dir / 'last.ckpt'}. "
             "Lower --optim.lr, add --optim.grad-clip 3.0, or train with --precision 32-true"
         )
-
-
-def make_fabric(run: RunConfig) -> Fabric:
-    out_dir = Path(run.output_dir)
-    precision = run.precision
-    cuda = run.accelerator in ("cuda", "gpu") or (run.accelerator == "auto" and torch.cuda.is_available())
-    if precision == "auto":
-        precision = "bf16-mixed" if cuda else "32-true"
-    strategy: Any = run.strategy
-    if run.strategy == "fsdp":
-        from lightning.fabric.strategies import ModelParallelStrategy
-
-        if not run.devices.isdigit():
-            raise SystemExit("error: --strategy fsdp needs a number of --devices")
-        strategy = ModelParallelStrategy(
-            shard_blocks, data_parallel_size=int(run.devices) * run.num_nodes, tensor_parallel_size=1
-        )
-    # version=None: a resumed run gets version_1, version_2, ... instead of overwriting earlier logs
-    loggers: list[Any] = [CSVLogger(str(out_dir), name="csv_logs")]
-    try:
-        import tensorboard  # noqa: F401
-
-        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard"))
-    except ImportError:
-        pass
-    devices: Any = int(run.devices) if run.devices.isdigit() else run.devices
-    return Fabric(
-        accelerator=run.accelerator,
-        devices=devices,
-        num_nodes=run.num_nodes,
-        strategy=strategy,
-        precision=precision,
-        loggers=loggers,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def test_device_batches_are_the_loaders_batches_in_order(folder):
     about which batches come: the same tensors in the same order as the loader, on the device."""
     from lightning.fabric import Fabric
 
-    from capi_lab.train import DeviceBatches
+    from capi_lab.loader import DeviceBatches
 
     src = resolve_source(folder)
     fabric = Fabric(accelerator="cuda" if torch.cuda.is_available() else "cpu", devices=1)

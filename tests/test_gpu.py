@@ -181,7 +181,8 @@ def test_loader_batches_are_pinned_and_copied_on_a_side_stream(tmp_path):
     ``DeviceBatches``, which copies each batch on a side stream, hands out the loader's values."""
     from lightning.fabric import Fabric
 
-    from capi_lab.train import DeviceBatches, RunConfig, make_loader
+    from capi_lab.loader import DeviceBatches, make_loader
+    from capi_lab.train import RunConfig
 
     rng = np.random.default_rng(0)
     for i in range(12):

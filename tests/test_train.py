@@ -425,16 +425,6 @@ def test_training_step_has_no_op_that_would_wait_for_a_gpu():
     assert not waits
 
 
-def test_default_loader_workers():
-    """--num-workers -1: none for CPU training on fewer than 4 cores (the step uses them all), else up to 8 per
-    process, leaving a core for each GPU's process."""
-    assert train.default_workers("cpu", 2) == 0 and train.default_workers("cpu", 3) == 0
-    assert train.default_workers("cpu", 4) == 3 and train.default_workers("cpu", 32) == 8
-    assert train.default_workers("cuda", 2, gpus=1) == 1 and train.default_workers("cuda", 64, gpus=1) == 16
-    assert train.default_workers("cuda", 16, gpus=1) == 15 and train.default_workers("cuda", 128, gpus=8) == 15
-    assert train.default_workers("cuda", 16, local_rank=3, gpus=8) == 1
-
-
 def _two_process(images, out, strategy, steps):
     cmd = [sys.executable, "-m", "capi_lab.train", *TINY, "--data", str(images), "--output-dir", str(out),
            "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "2", "--accelerator", "cpu",

@@ -14,18 +14,150 @@ of class sub-folders of RGBA cut-outs, pasted on the demo photos.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from capi_lab.command_line import instantiate, normalise_argv, parse, shorthand_flags, subcommand_parser
 from capi_lab.config import ConfigError
 from capi_lab.data import DataError
 from capi_lab.evaluation.datasets import load_labeled, load_model, raw_pixels
 
-DEFAULT_K = {"seg-knn": 10}
-"""--k when it is not given: 10 neighbours for k-NN segmentation, 20 for classification (the paper's protocols)."""
+
+@dataclass
+class EvalConfig:
+    """Settings every evaluation takes."""
+
+    checkpoint: str
+    """Anything load_pretrained accepts (a run's .ckpt, an authors' .pth, 'default', a published name),
+    'random:PRESET' for a randomly initialised model, or 'raw-pixels' for the pixel baseline."""
+    dataset: str
+    """'fashion-mnist' or a folder of class sub-folders (with train/ and val/ or test/ when present)."""
+    image_size: int | None = None
+    """Input side in pixels (default: the model's training size)."""
+    batch_size: int = 128
+    """Images per forward pass of the feature extraction."""
+    seed: int = 0
+    """Seed of the train/test split, the subsets and any random initialisation."""
+    device: str | None = None
+    """'cpu' or 'cuda' (default: cuda when available)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "image_size")
+
+
+@dataclass
+class _Classification(EvalConfig):
+    limit_train: int | None = None
+    """Use a seeded random subset of this many train images."""
+    limit_test: int | None = None
+    """Use a seeded random subset of this many test images."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "limit_train", "limit_test")
+
+
+@dataclass
+class KNNConfig(_Classification):
+    """Weighted k-NN classification on frozen features."""
+
+    features: Literal["global", "mean-patch"] = "global"
+    """'global' (the encoder's pooled output) or 'mean-patch' (the mean of the patch tokens)."""
+    k: int = 20
+    """Neighbours."""
+    temperature: float = 0.07
+    """Softmax temperature of the neighbours' votes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "k", "temperature")
+
+
+@dataclass
+class LinearConfig(_Classification):
+    """A linear classifier on frozen features."""
+
+    features: Literal["global", "mean-patch"] = "global"
+    """'global' (the encoder's pooled output) or 'mean-patch' (the mean of the patch tokens)."""
+
+
+@dataclass
+class AttentiveConfig(_Classification):
+    """An attentive probe (cross-attention pooling + linear) on frozen patch tokens."""
+
+    epochs: int = 20
+    """Training epochs of the probe."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "epochs")
+
+
+@dataclass
+class ClassificationConfig(_Classification):
+    """k-NN and linear on both global and mean-patch features, from one extraction."""
+
+    k: int = 20
+    """Neighbours of the k-NN."""
+    temperature: float = 0.07
+    """Softmax temperature of the neighbours' votes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "k", "temperature")
+
+
+@dataclass
+class SegKNNConfig(EvalConfig):
+    """k-NN segmentation of patches on generated object-on-photo scenes."""
+
+    dataset: str = "tuxpaint"
+    """'tuxpaint' (the fetched stamps) or a folder of class sub-folders of RGBA cut-outs."""
+    k: int = 10
+    """Neighbours per patch."""
+    temperature: float = 0.07
+    """Softmax temperature of the neighbours' votes."""
+    n_train: int = 300
+    """Generated train scenes."""
+    n_test: int = 150
+    """Generated test scenes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "k", "temperature", "n_train", "n_test")
+
+
+def _positive(config: object, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
+
+
+TASKS: dict[str, type[EvalConfig]] = {
+    "knn": KNNConfig,
+    "linear": LinearConfig,
+    "attentive": AttentiveConfig,
+    "classification": ClassificationConfig,
+    "seg-knn": SegKNNConfig,
+}
+"""The evaluation tasks (``python -m capi_lab.evaluation TASK``) and their settings."""
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, EvalConfig]:
+    """``(task, its config)`` from the command line; a bad flag or value exits with a clear error."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = subcommand_parser("python -m capi_lab.evaluation", __doc__.split("\n\n")[0], TASKS)
+    shorthands = {k: v for c in TASKS.values() for k, v in shorthand_flags(c).items()}
+    ns = parse(parser, normalise_argv(argv, shorthands))
+    try:
+        return ns.task, instantiate(TASKS[ns.task], ns[ns.task])
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,40 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     from capi_lab.features import extract_features
     from capi_lab.pretrained import CheckpointError
 
-    ap = argparse.ArgumentParser(prog="python -m capi_lab.evaluation", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "task",
-        choices=["knn", "linear", "attentive", "seg-knn", "classification"],
-        help="'classification' = knn and linear on both global and mean-patch features, one extraction",
-    )
-    ap.add_argument(
-        "--checkpoint", required=True, help="anything load_pretrained accepts, 'raw-pixels', or 'random:PRESET'"
-    )
-    ap.add_argument("--dataset", required=True, help="'fashion-mnist' or a folder of class sub-folders")
-    ap.add_argument("--features", choices=["global", "mean-patch"], default="global")
-    ap.add_argument("--image-size", type=int, default=None, help="input side (default: the model's training size)")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--k", type=int, default=None, help="neighbours (default: 20; 10 for seg-knn)")
-    ap.add_argument("--temperature", type=float, default=0.07)
-    ap.add_argument("--limit-train", type=int, default=None, help="use a seeded random subset of the train split")
-    ap.add_argument("--limit-test", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=20, help="attentive probe training epochs")
-    ap.add_argument("--n-train", type=int, default=300, help="seg-knn: generated train images")
-    ap.add_argument("--n-test", type=int, default=150, help="seg-knn: generated test images")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args(argv)
-    if args.k is None:
-        args.k = DEFAULT_K.get(args.task, 20)
+    task, args = parse_args(argv)
     t0 = time.perf_counter()
-    if args.task == "seg-knn":
+    if task == "seg-knn":
         return _seg_knn(args, t0)
     try:
         splits = load_labeled(args.dataset, args.seed, args.limit_train, args.limit_test)
         model = None if args.checkpoint == "raw-pixels" else load_model(args.checkpoint, args.seed)
     except (DataError, CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
-    attentive = args.task == "attentive"
+    attentive = task == "attentive"
     if model is None:
         if attentive:
             raise SystemExit("error: the attentive probe needs patch tokens; give a model --checkpoint")
@@ -74,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         x_tr, x_te = raw_pixels(splits.train, size), raw_pixels(splits.test, size)
     else:
         size = args.image_size or model.image_size or 16 * model.patch_size
-        pool = (args.features == "mean-patch" or args.task == "classification") and not attentive
+        pool = task == "classification" or (task in ("knn", "linear") and args.features == "mean-patch")
         feats = [
             extract_features(model, s, size, args.batch_size, keep_patches=pool or attentive, pool_patches=pool,
                              device=args.device, desc=f"features ({name})")
@@ -82,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         if attentive:
             x_tr, x_te = (f.feature_map.flatten(1, 2) for f in feats)
-        elif args.task == "classification":
+        elif task == "classification":
             x_tr, x_te = feats  # both kinds of features, below
         else:
             x_tr, x_te = (f.mean_patch if pool else f.global_repr for f in feats)
-    if args.task == "classification":
+    if task == "classification":
         y_tr, y_te = splits.train_labels, splits.test_labels
         kinds = {"raw": (x_tr, x_te)} if model is None else {
             "global": (x_tr.global_repr, x_te.global_repr), "mean_patch": (x_tr.mean_patch, x_te.mean_patch)
@@ -95,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (a, b) in kinds.items():
             metric[f"knn_{name}"] = knn_accuracy(a, y_tr, b, y_te, args.k, args.temperature)
             metric[f"linear_{name}"] = linear_accuracy(a, y_tr, b, y_te)
-    elif args.task == "knn":
+    elif task == "knn":
         metric = {"top1": knn_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels, args.k, args.temperature)}
         metric.update(k=args.k, temperature=args.temperature)
     elif attentive:
@@ -106,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         metric = {"top1": linear_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels)}
     row = {
-        "task": args.task, "checkpoint": args.checkpoint, "dataset": args.dataset,
-        "features": "raw-pixels" if model is None else ("patch-tokens" if attentive else args.features),
+        "task": task, "checkpoint": args.checkpoint, "dataset": args.dataset,
+        "features": "raw-pixels" if model is None else _FEATURES.get(task) or args.features,  # type: ignore[attr-defined]
         "image_size": size, **metric,
         "n_train": len(splits.train), "n_test": len(splits.test), "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
@@ -115,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _seg_knn(args: argparse.Namespace, t0: float) -> int:
+_FEATURES = {"attentive": "patch-tokens", "classification": "global+mean-patch"}
+
+
+def _seg_knn(args: SegKNNConfig, t0: float) -> int:
     from capi_lab.evaluation.segmentation import tuxpaint_sets
     from capi_lab.pretrained import CheckpointError
 
