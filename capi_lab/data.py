@@ -67,7 +67,7 @@ class FileImages(ImageSource):
 
     With ``min_side``, a JPEG at least twice that size on its shorter side is decoded by libjpeg at the smallest
     of 1/2, 1/4 and 1/8 scale that keeps the shorter side at least ``min_side`` (PIL's ``draft``): a 4032x3024
-    photo needed for 224 px crops decodes at 1008x756 in ~10 ms instead of ~58 ms at full size. Other formats,
+    photo needed for 224 px crops decodes at 1008x756, several times faster than at full size. Other formats,
     and smaller JPEGs, are decoded at full size. Images are turned upright by their EXIF orientation tag, as the
     app does with uploads."""
 
@@ -300,8 +300,8 @@ class CompositeImages(ImageSource):
     images, 1-3 cut-outs of random classes pasted at 20-60 % of the shorter side, at random positions; the rest
     are the plain photo. Each background appears ``per_background`` times with different pastes; everything is
     a function of ``(seed, i)``, so made images are kept (up to ``FileImages.CACHE_BYTES`` per loader process):
-    after the first epoch a composite costs nothing to load (on two cores, pasting took ~2.7 ms an image, about
-    as much as the rest of the item)."""
+    after the first epoch a composite costs nothing to load (pasting costs about as much as the rest of the
+    item)."""
 
     def __init__(
         self, stamps_root: Path, backgrounds: Sequence[Path], per_background: int = 8, paste_fraction: float = 0.75,

@@ -22,11 +22,9 @@ if TYPE_CHECKING:
 def default_workers(device_type: str, cores: int, local_rank: int = 0, gpus: int = 0) -> int:
     """Loader workers per process for ``--num-workers -1``. Training on a CPU with fewer than 4 cores: none,
     since the step already uses every core and a loader process competing with it costs more than the loading
-    it does (the README's quick start on 2 cores: 33 s without a worker, 37 s with one; benchmarks/RESULTS.md).
-    Otherwise cores / processes - 1, at most 8 on a CPU (the step needs the cores) and 16 on a GPU: one core
-    decodes, crops and normalizes ~190 of the demo photos (median 751x563) or ~410 JPEGs of 500x375 a second
-    at 224 px (2-core development machine, nothing cached), and a compiled ViT-B/16 step on an H200 takes
-    ~3800 images/s."""
+    it does (the README's quick start is slower with one worker on 2 cores). Otherwise cores / processes - 1, at
+    most 8 on a CPU (the step needs the cores) and 16 on a GPU, since one core decodes a few hundred images a
+    second and a compiled ViT-B/16 step on a Hopper GPU takes thousands (figures in benchmarks/RESULTS.md)."""
     if device_type == "cpu" and cores < 4:
         return 0
     cap = 16 if device_type == "cuda" else 8

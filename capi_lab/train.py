@@ -92,8 +92,8 @@ class RunConfig:
     when training on a CPU with fewer than 4 cores (the step uses them all)."""
     full_decode: bool = False
     """Decode every JPEG at full size. By default a JPEG of at least 4x the crop size on its shorter side (896 px
-    at 224) is decoded by libjpeg at 1/2-1/8 scale, keeping at least twice the crop size: a 12-megapixel photo
-    then goes through the loader 6.7x faster (benchmarks/RESULTS.md)."""
+    at 224) is decoded by libjpeg at 1/2-1/8 scale, keeping at least twice the crop size, which makes the loader
+    several times faster on phone photos (benchmarks/RESULTS.md)."""
     log_every: int = 10
     """Steps between metric lines (metrics.jsonl, loggers, progress bar)."""
     checkpoint_every: int = 500
@@ -314,8 +314,8 @@ def train_step(tr: Trainer, images: Tensor, masks: MaskBatch) -> dict[str, Tenso
     tr.clustering_optimizer.zero_grad(set_to_none=True)
     tr.step += 1
     # index_fill_ hands True to the kernel as an argument; `used[idx] = True` would first copy it from the host
-    # with a blocking copy: a host-device sync every step, after which the GPU idled while the host began the
-    # next step (in an H200 trace ~1.2 ms of the 68.8 ms ViT-B/16 step, benchmarks/RESULTS.md)
+    # with a blocking copy: a host-device sync every step, after which the GPU idles while the host begins the
+    # next step (benchmarks/RESULTS.md shows it in a trace)
     used = torch.zeros(targets.shape[-1], dtype=torch.bool, device=targets.device)
     used.index_fill_(0, assignments.flatten(), True)
     out = {"capi_loss": capi_loss.detach(), "clustering_loss": clustering_loss.detach(), "target_entropy": entropy}

@@ -17,9 +17,8 @@ opaque node, or, with :data:`TRACEABLE`, launches it from Inductor's generated c
 :mod:`capi_lab.kernels.fused_clustering`, the kernel runs on CUDA tensors, and on CPU tensors through Triton's
 interpreter (how the CPU test suite checks it).
 
-On by default for CUDA tensors (``CAPI_LAB_FUSED_ROPE=0`` switches it off): on one H200 it made the compiled
-ViT-B/16 training step 2.0-2.5 % faster than Inductor's kernel for the PyTorch form (3796 and 3809 against 3722
-and 3716 img/s, ``benchmarks/RESULTS.md``).
+On by default for CUDA tensors (``CAPI_LAB_FUSED_ROPE=0`` switches it off), because the compiled training step
+is faster with it than with Inductor's kernel for the PyTorch form (figures in ``benchmarks/RESULTS.md``).
 """
 
 import functools
@@ -97,13 +96,12 @@ TRACEABLE = _MODE == "traceable"
 """How the kernel is registered. By default it sits behind an opaque custom op, which a compiled step calls
 through the dispatcher and Triton's launcher. With ``CAPI_LAB_FUSED_ROPE=traceable``,
 :func:`torch.library.triton_op` lets Inductor see the kernel and launch it from its generated code, with less
-host time per call. Compiled, that works on CUDA only: Triton's interpreter cannot be traced. On one H200 it
-was the slower of the two (3697 against 3809 img/s for the compiled ViT-B/16 step), so it is not the default."""
+host time per call. Compiled, that works on CUDA only: Triton's interpreter cannot be traced. It is not the
+default because the compiled step measured slower with it (``benchmarks/RESULTS.md``)."""
 
 BLOCKS = {"BLOCK_T": 32, "num_warps": 4}
-"""Tokens per program and warps: the fastest of ``benchmarks/rope_kernel.py --sweep``'s tiles on an H200 in two
-runs (teacher and student shapes of ViT-B/16 together: 1.04 and 0.92 ms, against 1.46 and 0.94 ms for 16 tokens);
-the training-step figures above were measured with it."""
+"""Tokens per program and warps: the fastest tile of ``benchmarks/rope_kernel.py --sweep`` for the teacher and
+student shapes of ViT-B/16 (timings in ``benchmarks/rope_kernel_h200.jsonl``)."""
 
 
 def available(x: Tensor, coords: Tensor, freqs: Tensor) -> bool:
