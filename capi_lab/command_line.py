@@ -15,6 +15,7 @@ defaults (a preset) < file < flags.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -123,15 +124,23 @@ def new_parser(prog: str, description: str, config_help: str = "YAML file of set
     return parser
 
 
-def parse(parser: ArgumentParser, argv: Sequence[str], errors: tuple[type[Exception], ...] = ()) -> Namespace:
+def parse(
+    parser: ArgumentParser,
+    argv: Sequence[str],
+    errors: tuple[type[Exception], ...] = (),
+    subcommands: Sequence[str] = (),
+) -> Namespace:
     """Parse a normalised argv; a bad flag, value or file exits with ``error: ...`` and the hint to ``--help``.
-    ``errors``: further exception types (the configs' own validation errors) reported the same way."""
+    ``errors``: further exception types (the configs' own validation errors) reported the same way;
+    ``subcommands``: names whose ``NAME.field`` in jsonargparse's messages is shown as the flag ``--field``."""
     from jsonargparse import ArgumentError
 
     try:
         return parser.parse_args(list(argv))
     except (ArgumentError, *errors) as e:
         message = " ".join(str(e).split())
+        for name in subcommands:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}\.(\w)", r"--\1", message)
         raise SystemExit(f"error: {message}\n(run `{parser.prog} --help` for the options)") from None
 
 

@@ -89,6 +89,10 @@ def test_each_evaluation_task_has_its_own_settings():
     assert eval_args(["attentive", *base, "--limit-train", "50"])[1].limit_train == 50
     with pytest.raises(SystemExit, match="unrecognized arguments: --k"):
         eval_args(["linear", *base, "--k", "3"])  # a linear probe has no neighbours
+    with pytest.raises(SystemExit, match="required: --dataset"):
+        eval_args(["linear", "--checkpoint", "default"])
+    with pytest.raises(SystemExit, match='key "k": Expected a <class .int.>'):
+        eval_args(["seg-knn", "--checkpoint", "default", "--k", "many"])
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, EvalConfig]:
     argv = sys.argv[1:] if argv is None else argv
     parser = subcommand_parser("python -m capi_lab.evaluation", __doc__.split("\n\n")[0], TASKS)
     shorthands = {k: v for c in TASKS.values() for k, v in shorthand_flags(c).items()}
-    ns = parse(parser, normalise_argv(argv, shorthands))
+    ns = parse(parser, normalise_argv(argv, shorthands), subcommands=list(TASKS))
     try:
         return ns.task, instantiate(TASKS[ns.task], ns[ns.task])
     except ConfigError as e:
