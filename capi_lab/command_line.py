@@ -6,7 +6,8 @@ Two conveniences on top of jsonargparse, both in :func:`normalise_argv`:
 
 * dashes and underscores are the same in a flag's name (``--max-steps`` is ``--max_steps``,
   ``--model.num-prototypes`` is ``--model.num_prototypes``); ``--help`` lists the underscore form;
-* a boolean flag given alone means true (``--compile`` is ``--compile true``).
+* a boolean flag given alone means true (``--compile`` is ``--compile true``), and a fixed-length tuple takes
+  its values one by one (``--crop-scale 0.3 1.0`` is ``--crop_scale [0.3,1.0]``).
 
 ``--config`` files are applied before any flag, wherever they stand, so the precedence is always
 defaults (a preset) < file < flags.
@@ -14,16 +15,19 @@ defaults (a preset) < file < flags.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ArgumentError, ArgumentParser, Namespace, set_parsing_settings
+
+from capi_lab.config import ConfigError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -117,31 +121,34 @@ def flag_value(argv: Sequence[str], flag: str) -> str | None:
 
 
 def new_parser(prog: str, description: str, config_help: str = "YAML file of settings") -> ArgumentParser:
-    """A parser that raises instead of exiting (:func:`parse` turns errors into one clear line), with
+    """A parser that raises instead of exiting (:func:`clear_errors` turns its errors into one line), with
     ``--config`` and ``--print_config``."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument(CONFIG_FLAG, action="config", help=config_help)
     return parser
 
 
-def parse(
-    parser: ArgumentParser,
-    argv: Sequence[str],
-    errors: tuple[type[Exception], ...] = (),
-    subcommands: Sequence[str] = (),
-) -> Namespace:
-    """Parse a normalised argv; a bad flag, value or file exits with ``error: ...`` and the hint to ``--help``.
-    ``errors``: further exception types (the configs' own validation errors) reported the same way;
-    ``subcommands``: names whose ``NAME.field`` in jsonargparse's messages is shown as the flag ``--field``."""
-    from jsonargparse import ArgumentError
-
+@contextlib.contextmanager
+def clear_errors(prog: str | None = None, subcommands: Sequence[str] = ()) -> Iterator[None]:
+    """A bad flag, value or file (jsonargparse's errors and the configs' own :class:`ConfigError`) exits with
+    ``error: ...`` on one line, and with ``prog`` the hint to its ``--help``. ``subcommands``: names whose
+    ``NAME.field`` in jsonargparse's messages is shown as the flag ``--field``."""
     try:
-        return parser.parse_args(list(argv))
-    except (ArgumentError, *errors) as e:
+        yield
+    except (ArgumentError, ConfigError) as e:
         message = " ".join(str(e).split())
         for name in subcommands:
             message = re.sub(rf"(?<![\w-]){re.escape(name)}\.(\w)", r"--\1", message)
-        raise SystemExit(f"error: {message}\n(run `{parser.prog} --help` for the options)") from None
+        hint = f"\n(run `{prog} --help` for the options)" if prog else ""
+        raise SystemExit(f"error: {message}{hint}") from None
+
+
+def require_positive(config: object, *names: str) -> None:
+    """:class:`ConfigError` naming the flag when one of the fields ``names`` of ``config`` is <= 0 (None is unset)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
 
 
 def instantiate(cls: type, values: dict[str, Any] | Namespace, **extra: Any) -> Any:
@@ -181,15 +188,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def subcommand_parser(
-    prog: str, description: str, tasks: dict[str, type], help_of: Callable[[type], str] | None = None
-) -> ArgumentParser:
+def subcommand_parser(prog: str, description: str, tasks: dict[str, type]) -> ArgumentParser:
     """A parser with one subcommand per entry of ``tasks`` (name -> config dataclass), each with its own
     flags, ``--config`` and ``--print_config``."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     sub = parser.add_subcommands(dest="task", required=True)
     for name, cls in tasks.items():
-        doc = help_of(cls) if help_of else (cls.__doc__ or "").split("\n\n")[0]
+        doc = (cls.__doc__ or "").split("\n\n")[0]
         p = new_parser(f"{prog} {name}", doc)
         p.add_class_arguments(cls, nested_key=None)
         sub.add_subcommand(name, p, help=doc)

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capi_lab.command_line import instantiate, new_parser, normalise_argv, parse, shorthand_flags
+from capi_lab.command_line import (
+    clear_errors,
+    instantiate,
+    new_parser,
+    normalise_argv,
+    require_positive,
+    shorthand_flags,
+)
 from capi_lab.config import ConfigError
 from capi_lab.data import DataError, ImageSource, eval_transform, resolve_source
 from capi_lab.model.capi import CAPIModel
@@ -127,21 +134,15 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         if not self.out.endswith((".safetensors", ".npz")):
             raise ConfigError(f"--out must end in .safetensors or .npz, got {self.out!r}")
-        for name in ("batch_size", "image_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name} must be > 0, got {value}")
+        require_positive(self, "batch_size", "image_size")
 
 
 def parse_args(argv: list[str] | None = None) -> FeaturesConfig:
     parser = new_parser("python -m capi_lab.features", __doc__.split("\n\n")[0])
     parser.add_class_arguments(FeaturesConfig, nested_key=None)
     argv = normalise_argv(sys.argv[1:] if argv is None else argv, shorthand_flags(FeaturesConfig))
-    ns = parse(parser, argv, errors=(ConfigError,))
-    try:
-        return instantiate(FeaturesConfig, ns)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    with clear_errors(parser.prog):
+        return instantiate(FeaturesConfig, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

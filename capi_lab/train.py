@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 from capi_lab.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
 from capi_lab.command_line import (
+    clear_errors,
     config_files,
     flag_value,
     flatten,
     instantiate,
     new_parser,
     normalise_argv,
-    parse,
     read_yaml,
     shorthand_flags,
     write_yaml,
@@ -148,16 +148,13 @@ def build_parser(preset: str = RunConfig.preset) -> ArgumentParser:
 def resolve_config(argv: list[str] | None = None) -> RunConfig:
     """Preset < ``--config`` YAML < command-line flags, validated by the config dataclasses."""
     argv = normalise_argv(sys.argv[1:] if argv is None else argv, SHORTHANDS)
-    preset = flag_value(argv, "--preset")
-    for path in reversed(config_files(argv)):
-        if preset is None:
-            preset = read_yaml(path).get("preset")
-    try:
-        parser = build_parser(preset or RunConfig.preset)
-        ns = parser.instantiate(parse(parser, argv, errors=(ConfigError,)))
+    in_files = (read_yaml(path).get("preset") for path in reversed(config_files(argv)))
+    preset = flag_value(argv, "--preset") or next((p for p in in_files if p), RunConfig.preset)
+    with clear_errors():
+        parser = build_parser(preset)
+    with clear_errors(parser.prog):
+        ns = parser.instantiate(parser.parse_args(argv))
         return instantiate(RunConfig, ns, capi=instantiate(CAPIConfig, ns))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the two step modules

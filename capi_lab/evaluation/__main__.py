@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from capi_lab.command_line import instantiate, normalise_argv, parse, shorthand_flags, subcommand_parser
+from capi_lab.command_line import (
+    clear_errors,
+    instantiate,
+    normalise_argv,
+    require_positive,
+    shorthand_flags,
+    subcommand_parser,
+)
 from capi_lab.config import ConfigError
 from capi_lab.data import DataError
 from capi_lab.evaluation.datasets import load_labeled, load_model, raw_pixels
@@ -46,7 +53,7 @@ class EvalConfig:
     """'cpu' or 'cuda' (default: cuda when available)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "image_size")
+        require_positive(self, "batch_size", "image_size")
 
 
 @dataclass
@@ -58,15 +65,11 @@ class _Classification(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "limit_train", "limit_test")
+        require_positive(self, "limit_train", "limit_test")
 
 
 @dataclass
-class KNNConfig(_Classification):
-    """Weighted k-NN classification on frozen features."""
-
-    features: Literal["global", "mean-patch"] = "global"
-    """'global' (the encoder's pooled output) or 'mean-patch' (the mean of the patch tokens)."""
+class _Neighbours(_Classification):
     k: int = 20
     """Neighbours."""
     temperature: float = 0.07
@@ -74,7 +77,15 @@ class KNNConfig(_Classification):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "k", "temperature")
+        require_positive(self, "k", "temperature")
+
+
+@dataclass
+class KNNConfig(_Neighbours):
+    """Weighted k-NN classification on frozen features."""
+
+    features: Literal["global", "mean-patch"] = "global"
+    """'global' (the encoder's pooled output) or 'mean-patch' (the mean of the patch tokens)."""
 
 
 @dataclass
@@ -94,21 +105,12 @@ class AttentiveConfig(_Classification):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "epochs")
+        require_positive(self, "epochs")
 
 
 @dataclass
-class ClassificationConfig(_Classification):
+class ClassificationConfig(_Neighbours):
     """k-NN and linear on both global and mean-patch features, from one extraction."""
-
-    k: int = 20
-    """Neighbours of the k-NN."""
-    temperature: float = 0.07
-    """Softmax temperature of the neighbours' votes."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "k", "temperature")
 
 
 @dataclass
@@ -128,14 +130,7 @@ class SegKNNConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "k", "temperature", "n_train", "n_test")
-
-
-def _positive(config: object, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {value}")
+        require_positive(self, "k", "temperature", "n_train", "n_test")
 
 
 TASKS: dict[str, type[EvalConfig]] = {
@@ -153,11 +148,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, EvalConfig]:
     argv = sys.argv[1:] if argv is None else argv
     parser = subcommand_parser("python -m capi_lab.evaluation", __doc__.split("\n\n")[0], TASKS)
     shorthands = {k: v for c in TASKS.values() for k, v in shorthand_flags(c).items()}
-    ns = parse(parser, normalise_argv(argv, shorthands), subcommands=list(TASKS))
-    try:
+    with clear_errors(parser.prog, subcommands=list(TASKS)):
+        ns = parser.parse_args(normalise_argv(argv, shorthands))
         return ns.task, instantiate(TASKS[ns.task], ns[ns.task])
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
