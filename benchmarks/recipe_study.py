@@ -6,11 +6,11 @@ own CLI, one knob changed at a time from a fixed base, and score every run with 
     python benchmarks/recipe_study.py --table --plot       # the markdown table and the figure from the results
 
 Protocol (fixed for every row): `python -m capi_lab.train --preset tiny --data fashion-mnist --max-steps STEPS
---batch-size BATCH --seed SEED` plus BASE and the row's flags, on the CPU; then the teacher's `global_repr` (and
-the mean patch token) of 10k seeded train images (the bank) and all 10k test images, k-NN top-1 with k=20, T=0.07
-(the protocol of benchmarks/fmnist_eval.sh). `init` is the same run's model before its first update (the `1-step
-checkpoint`: the learning rate is 0 at step 0 and the teacher momentum 1). One JSON line per run is appended to
---results; a row already there is not run again.
+--batch-size BATCH --seed SEED` plus the base's (--base, BASES) and the row's flags, on the CPU; then the
+teacher's `global_repr` (and the mean patch token) of 10k seeded train images (the bank) and all 10k test images,
+k-NN top-1 with k=20, T=0.07 (the protocol of benchmarks/fmnist_eval.sh). `init` is the same run's model before
+its first update (the `1-step checkpoint`: the learning rate is 0 at step 0 and the teacher momentum 1). One JSON
+line per run is appended to --results; a row already there is not run again.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASE = ["--model.num-prototypes", "1024", "--optim.momentum-peak", "0.99"]
-"""Every row starts from `tiny` as it was before this study (1024 prototypes, teacher momentum peak 0.99), so the
-rows stay reproducible whatever the preset becomes; a row's flags come after these and override them. The `tiny`
-preset is now the `k64+m0.95` row."""
+BASES: dict[str, list[str]] = {
+    "old": ["--model.num-prototypes", "1024", "--optim.momentum-peak", "0.99"],
+    "tiny": [],
+}
+"""Where a row starts (``--base``). ``old`` is `tiny` as it was before this study (1024 prototypes, teacher momentum
+peak 0.99), so the first rows stay reproducible whatever the preset becomes; ``tiny`` is the preset as it is now
+(the ``old`` base's `k64+m0.95` row). A row's flags come after the base's and override them."""
 
-# name -> (flags on top of BASE, what the row tests)
+# name -> (flags on top of the base, what the row tests)
 STUDIES: dict[str, tuple[list[str], str]] = {
     "base": ([], "tiny before the study (the CLI defaults then)"),
     "k64": (["--model.num-prototypes", "64"], "prototypes 64"),
@@ -47,6 +50,12 @@ STUDIES: dict[str, tuple[list[str], str]] = {
     "pdepth1": (["--model.pred-depth", "1"], "predictor depth 1"),
     "patch7": (["--model.patch-size", "7"], "patch 7 (4x4 grid)"),
     "m0.9": (["--optim.momentum-peak", "0.9"], "teacher momentum peak 0.9"),
+    "lr4e-3": (["--optim.lr", "4e-3"], "lr 4e-3"),
+    "k128": (["--model.num-prototypes", "128"], "prototypes 128"),
+    "ratio0.8": (["--mask.ratio", "0.8"], "mask ratio 0.8"),
+    "block": (["--mask.strategy", "block"], "block masking"),
+    "wide": (["--model.embed-dim", "192", "--model.num-heads", "6"], "width 192 (6 heads)"),
+    "deep": (["--model.depth", "6"], "depth 6"),
     "k64+m0.95": (
         ["--model.num-prototypes", "64", "--optim.momentum-peak", "0.95"],
         "prototypes 64, momentum 0.95 (tiny now)",
@@ -59,11 +68,12 @@ STUDIES: dict[str, tuple[list[str], str]] = {
 
 
 def train(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Path, float]:
-    out = Path(args.runs) / f"{name}_{args.steps}x{args.batch_size}_seed{args.seed}"  # one folder per protocol
+    prefix = "" if args.base == "old" else f"{args.base}-"
+    out = Path(args.runs) / f"{prefix}{name}_{args.steps}x{args.batch_size}_seed{args.seed}"  # one per protocol
     cmd = [sys.executable, "-m", "capi_lab.train", "--preset", "tiny", "--data", "fashion-mnist",
            "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--seed", str(args.seed), "--log-every", "50", "--checkpoint-every", str(args.steps),
-           *BASE, *flags, *(["--compile"] if args.compile else [])]  # fmt: skip
+           *BASES[args.base], *flags, *(["--compile"] if args.compile else [])]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return out, time.perf_counter() - t0
@@ -125,17 +135,18 @@ def run_study(args: argparse.Namespace) -> None:
     results = Path(args.results)
     done = set()
     if results.exists():
-        done = {(r["name"], r["steps"], r["batch_size"], r["seed"]) for r in map(json.loads, results.open())}
+        done = {key(r) for r in map(json.loads, results.open())}
     splits = load_labeled("fashion-mnist", seed=0, limit_train=10000)
     for name in args.only or list(STUDIES):
         if name not in STUDIES:
             raise SystemExit(f"error: unknown study {name!r}; known: {', '.join(STUDIES)}")
-        if (name, args.steps, args.batch_size, args.seed) in done:
+        if key({"name": name, "base_flags": " ".join(BASES[args.base]), **vars(args)}) in done:
             print(f"{name}: already in {results}, skipped")
             continue
         flags, what = STUDIES[name]
         run_dir, seconds = train(name, flags, args)
-        row = {"name": name, "what": what, "base_flags": " ".join(BASE), "flags": " ".join(flags), "steps": args.steps,
+        row = {"name": name, "what": what, "base": args.base, "base_flags": " ".join(BASES[args.base]),
+               "flags": " ".join(flags), "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "compile": args.compile,
                "command_seconds": round(seconds, 1)}  # fmt: skip
         trained = load_pretrained(run_dir / "checkpoints" / "last.ckpt")
@@ -146,6 +157,17 @@ def run_study(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def key(row: dict) -> tuple:
+    """What makes two rows the same run: the row, its base, steps, batch and seed."""
+    return row["name"], row["base_flags"], row["steps"], row["batch_size"], row["seed"]
+
+
+def label(row: dict) -> str:
+    """The row's name, prefixed by its base when that is not the first rows' ``old`` base."""
+    base = row.get("base", "old")
+    return row["name"] if base == "old" else f"{base}+{row['name']}"
 
 
 def rows(path: Path) -> list[dict]:
@@ -160,7 +182,7 @@ def table(path: Path) -> str:
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows(path):
         lines.append(
-            f"| `{r['name']}` | {r['what']} | {r['steps']} × {r['batch_size']} | {r['loop_seconds']:.0f} | "
+            f"| `{label(r)}` | {r['what']} | {r['steps']} × {r['batch_size']} | {r['loop_seconds']:.0f} | "
             f"{r['knn_global']:.1f} | {r['knn_mean_patch']:.1f} | "
             f"{format(r['linear_global'], '.1f') if 'linear_global' in r else '–'} | {r['init_knn_global']:.1f} | "
             f"{r['gain_knn_global']:+.1f} | {r['target_entropy']:.2f} | {r['prototypes_used']} |"
@@ -182,7 +204,7 @@ def plot(path: Path, out: Path) -> None:
     ax.scatter(list(x), [r["init_knn_global"] for r in data], color="k", marker="_", s=200, zorder=3,
                label="same model at init")  # fmt: skip
     ax.axhline(81.7, color="grey", ls="--", lw=1, label="raw pixels (81.7)")
-    ax.set_xticks(list(x), [f"{r['name']}\n{r['steps']}×{r['batch_size']}" for r in data], fontsize=7)
+    ax.set_xticks(list(x), [f"{label(r)}\n{r['steps']}×{r['batch_size']}" for r in data], fontsize=7)
     lo = min(min(r["init_knn_global"] for r in data), min(r["knn_global"] for r in data))
     ax.set_ylim(lo - 3, 86)
     ax.set_ylabel("Fashion-MNIST k-NN top-1 (%)")
@@ -199,6 +221,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", choices=sorted(BASES), default="old", help="where the rows start (see BASES)")
     ap.add_argument("--linear", action="store_true", help="also the logistic-regression probe (slower)")
     ap.add_argument("--compile", action="store_true", help="train with --compile (the 20-CPU-minute protocol)")
     ap.add_argument("--runs", default="runs/recipe_study", help="where the run folders go")
