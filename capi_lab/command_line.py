@@ -148,7 +148,7 @@ def require_positive(config: object, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if value is not None and value <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {value}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
 def instantiate(cls: type, values: dict[str, Any] | Namespace, **extra: Any) -> Any:

@@ -197,6 +197,10 @@ class CAPIConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            self.image_size >= self.model.patch_size,
+            f"image_size must be at least model.patch_size={self.model.patch_size}, got {self.image_size}",
+        )
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         _check(

@@ -415,13 +415,66 @@ def resolve_source(spec: str | os.PathLike) -> ImageSource:
                 "even in sub-folders"
             )
         return FileImages(paths)
-    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines()]
+    return FileImages(_read_list_file(path, s))
+
+
+def _read_list_file(path: Path, spec: str) -> list[Path]:
+    """The image paths of a list file (one per line, ``#`` comments, relative to the file's folder); paths that do
+    not exist are dropped with one warning, and a file that is not a text list is refused."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise DataError(
+            f"--data {spec!r} is an image file; give the folder that holds it, or a .txt file listing image paths"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise DataError(
+            f"--data {spec!r} is not a text file (binary content); give a folder of images or a .txt file listing "
+            "image paths, one per line"
+        )
+    lines = [ln.strip() for ln in text.splitlines()]
     paths = [
         (path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and not ln.startswith("#")
     ]
     if not paths:
-        raise DataError(f"--data {s!r}: the list file names no images (one path per line expected)")
-    return FileImages(paths)
+        raise DataError(f"--data {spec!r}: the list file names no images (one path per line expected)")
+    found = [q for q in paths if q.is_file()]
+    missing = [q for q in paths if not q.is_file()]
+    if not found:
+        raise DataError(
+            f"--data {spec!r}: none of the {len(paths)} paths it lists exists (first: {str(missing[0])!r}; relative "
+            f"paths are taken from {str(path.parent)!r})"
+        )
+    if missing:
+        log.warning("--data %s: %d of %d listed paths do not exist and are left out (first: %s)", spec,
+                    len(missing), len(paths), missing[0])  # fmt: skip
+    return found
+
+
+def check_decodable(source: ImageSource, sample: int = 32) -> None:
+    """Fail early when a source's images cannot be read: decode up to ``sample`` images spread over it (small,
+    via ``min_side``); if none decodes, a :class:`DataError` names them. Training would otherwise build the model
+    and then stop in the data loader."""
+    n = len(source)
+    if n == 0:
+        raise DataError("the data source holds no images")
+    if not isinstance(source, FileImages):
+        return  # arrays and generated scenes are decoded already
+    picks = range(n) if n <= sample else sorted({round(i * (n - 1) / (sample - 1)) for i in range(sample)})
+    errors = []
+    for i in picks:
+        try:
+            source.load(i, min_side=16)
+            return
+        except Exception as e:
+            errors.append(f"{source.describe(i)}: {str(e).splitlines()[0][:100]}")
+    raise DataError(
+        f"none of the {len(picks)} images tried (of {n}) can be decoded, e.g. {errors[0]}; check that the files are "
+        "images (JPEG, PNG, ...) and not truncated"
+    )
 
 
 # ----------------------------------------------------------------------------- training stream

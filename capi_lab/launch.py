@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,8 +12,12 @@ from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
+from capi_lab.config import ConfigError
+
 if TYPE_CHECKING:
     from capi_lab.train import RunConfig
+
+log = logging.getLogger("capi_lab.train")
 
 
 def is_fsdp(fabric: Fabric) -> bool:
@@ -33,6 +39,32 @@ def shard_blocks(module: nn.Module, mesh: Any) -> nn.Module:
             fully_shard(m, mesh=dp)
     fully_shard(module, mesh=dp)
     return module
+
+
+def check_devices(run: RunConfig) -> None:
+    """Refuse an accelerator this machine does not have, or more GPUs than it has, before anything starts; warn
+    when more CPU processes are asked for than there are cores."""
+    accelerator = run.accelerator
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"--accelerator {accelerator}: no CUDA GPU is visible (torch {torch.__version__}, {build}). "
+            "Use --accelerator cpu (or auto), or install a CUDA build of torch on a machine with a GPU"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--accelerator mps: Apple's MPS is not available here; use --accelerator cpu (or auto)")
+    if not run.devices.isdigit():
+        return
+    n = int(run.devices)
+    on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and n > torch.cuda.device_count():
+        raise ConfigError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    cores = os.cpu_count() or 1
+    if not on_gpu and accelerator in ("cpu", "auto") and n > cores:
+        log.warning(
+            "--devices %d on the CPU starts %d training processes on %d cores; they share the cores, so this is "
+            "slower than --devices 1 (use it to try DDP/FSDP, not for speed)", n, n, cores,
+        )  # fmt: skip
 
 
 def make_fabric(run: RunConfig) -> Fabric:

@@ -5,7 +5,8 @@
 One step is capi-method.md §4: teacher forward on the full images -> clustering loss -> its backward;
 student forward on the visible patches, predictor at the predicted positions -> CAPI loss -> backward;
 AdamW step; EMA update of the teacher and of the EMA student head; clustering-optimizer step.
-Rerunning the same command continues from ``DIR/checkpoints/last.ckpt``.
+Rerunning the same command continues from ``DIR/checkpoints/last.ckpt`` (or, when that does not read, the newest
+periodic checkpoint that does), with the checkpoint's own seed, data and method settings (capi_lab.checkpoint).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,14 @@ from lightning.fabric import Fabric
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from capi_lab.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
+from capi_lab.checkpoint import (
+    check_resume,
+    find_resume_checkpoint,
+    load_checkpoint,
+    record_resume,
+    save_checkpoint,
+    truncate_metrics,
+)
 from capi_lab.command_line import (
     clear_errors,
     config_files,
@@ -40,14 +49,14 @@ from capi_lab.command_line import (
     write_yaml,
 )
 from capi_lab.config import CAPIConfig, ConfigError, get_preset
-from capi_lab.data import DataError, resolve_source
-from capi_lab.launch import is_fsdp, make_fabric
+from capi_lab.data import DataError, check_decodable, resolve_source
+from capi_lab.launch import check_devices, is_fsdp, make_fabric
 from capi_lab.loader import DeviceBatches, make_loader
 from capi_lab.losses import student_step, teacher_step
 from capi_lab.masking import MaskBatch, mask_counts
 from capi_lab.model.capi import CAPIModel
 from capi_lab.optim import ema_update_, param_groups, set_hparams
-from capi_lab.pretrained import load_pretrained, save_authors_checkpoint
+from capi_lab.pretrained import CheckpointError, load_pretrained, save_authors_checkpoint
 from capi_lab.schedules import Schedules
 from capi_lab.sinkhorn import check_impl, default_impl
 
@@ -96,16 +105,28 @@ class RunConfig:
     several times faster on phone photos (benchmarks/RESULTS.md)."""
     log_every: int = 10
     """Steps between metric lines (metrics.jsonl, loggers, progress bar)."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints (one is always written at the end)."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints (one is always written at the end); default: a tenth of --max-steps, at most 500,
+    so a killed run loses at most a tenth of its steps."""
     keep_checkpoints: int = 3
-    """Periodic checkpoints kept besides last.ckpt."""
+    """Periodic checkpoints kept besides last.ckpt (a resume falls back to them when last.ckpt does not read)."""
+    resume_with_changes: bool = False
+    """Resume a run folder's checkpoint even though this command's seed, data or method settings differ from the
+    checkpoint's (they are listed, and recorded in DIR/resumes.jsonl); the weights must still fit the model."""
     capi: CAPIConfig = field(default_factory=CAPIConfig)
     """The method: model, mask, optim, image_size, batch_size (filled from the preset)."""
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name, low in [("max_steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
+                          ("num_nodes", 1), ("num_workers", -1), ("seed", 0)]:  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if not re.fullmatch(r"auto|-1|0*[1-9]\d*|\d+(,\d+)+,?|\d+,", self.devices.replace(" ", "")):
+            raise ConfigError(
+                f"--devices must be a number >= 1, 'auto', -1 (all) or a list of GPU indices like 0,1; "
+                f"got {self.devices!r}"
+            )
         if self.cuda_graphs and not self.compile:
             raise ConfigError("--cuda-graphs replays the compiled steps: add --compile")
         if self.cuda_graphs and self.strategy == "fsdp":
@@ -120,6 +141,11 @@ class RunConfig:
             mask_counts(grid * grid, self.capi.mask)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """``checkpoint_every``, or a tenth of the run (at least 1, at most 500 steps)."""
+        return self.checkpoint_every or max(1, min(500, math.ceil(self.max_steps / 10)))
 
     def to_dict(self) -> dict[str, Any]:
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "capi"}
@@ -362,20 +388,23 @@ class NaNLossError(RuntimeError):
     pass
 
 
-def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
+def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[str, Any]] | None = None) -> Trainer:
+    """Train ``run`` on ``source``, from ``resume`` (a checkpoint's path and state) when given."""
     out_dir = Path(run.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed, run.cuda_graphs, run.sinkhorn)
     fabric.print(f"Sinkhorn-Knopp: {tr.teacher_module.sinkhorn} (--sinkhorn {run.sinkhorn})")
     last = ckpt_dir / "last.ckpt"
-    if last.exists():
-        load_checkpoint(tr, last)
-        fabric.print(f"resuming from {last} at step {tr.step}")
+    if resume is not None:
+        load_checkpoint(tr, resume[1])
+        fabric.print(f"resuming from {resume[0]} at step {tr.step}")
+    metrics_file = out_dir / "metrics.jsonl"
+    if fabric.global_rank == 0:  # one line per logged step, whatever was logged after the checkpoint
+        truncate_metrics(metrics_file, tr.step)
     if tr.step >= run.max_steps:
         fabric.print(f"nothing to do: the checkpoint is at step {tr.step} >= --max-steps {run.max_steps}")
         return tr
     loader = DeviceBatches(iter(make_loader(run, fabric, source, tr.step)), fabric)
-    metrics_file = out_dir / "metrics.jsonl"
     window = MetricsWindow()
     bar = tqdm(total=run.max_steps, initial=tr.step, disable=fabric.global_rank != 0, desc="train", dynamic_ncols=True)
     skipped = 0
@@ -408,7 +437,7 @@ def fit(fabric: Fabric, run: RunConfig, source: Any) -> Trainer:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{m['capi_loss']:.3f}", img_s=f"{m['images_per_s']:.0f}", refresh=False)
-        if tr.step % run.checkpoint_every == 0 or tr.step == run.max_steps:
+        if tr.step % run.checkpoint_interval == 0 or tr.step == run.max_steps:
             _check_nan(pending, nan_steps, ckpt_dir)
             if not nan_steps:
                 save_checkpoint(tr, run, ckpt_dir)
@@ -441,23 +470,30 @@ def _check_nan(pending: tuple[int, Tensor], nan_steps: list[int], ckpt_dir: Path
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="[capi_lab] %(levelname)s %(message)s")
     run = resolve_config(argv)
+    out_dir = Path(run.output_dir)
     try:
-        source = resolve_source(run.data)  # a bad --data fails here, before any model is built
-    except DataError as e:
+        source = resolve_source(run.data)  # bad data, devices or checkpoints fail here, before any model is built
+        check_decodable(source)
+        check_devices(run)
+        resume = find_resume_checkpoint(out_dir / "checkpoints")
+        changes = check_resume(run, *resume) if resume is not None else {}
+    except (DataError, ConfigError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
-    check_resume_config(run)
     fabric = make_fabric(run)
     fabric.launch()
-    out_dir = Path(run.output_dir)
     if fabric.global_rank == 0:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_yaml(out_dir / "config.yaml", run.to_dict())
-        fabric.print(f"config ({out_dir / 'config.yaml'}):\n" + json.dumps(run.to_dict(), indent=1))
+        config_file = out_dir / "config.yaml"
+        if resume is None or not config_file.exists():  # written once per run: the settings it started with
+            write_yaml(config_file, run.to_dict() if resume is None else resume[1]["run"])
+        if resume is not None:
+            record_resume(out_dir, resume[0], resume[1], changes)
+        fabric.print(f"config ({config_file}):\n" + json.dumps(run.to_dict(), indent=1))
         fabric.print(f"data: {run.data} ({len(source)} images)")
     fabric.barrier()
     try:
-        fit(fabric, run, source)
-    except ConfigError as e:
+        fit(fabric, run, source, resume)
+    except (ConfigError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     except NaNLossError as e:
         fabric.print(f"error: {e}", file=sys.stderr)

@@ -66,7 +66,7 @@ def test_help_shows_field_docstrings_and_preset_defaults(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--max-steps", "0"], "max_steps must be >= 1"),
+        (["--max-steps", "0"], "--max-steps must be >= 1"),
         (["--optim.lr", "fast"], 'optim.lr".*float'),
         (["--modle.depth", "3"], "unrecognized arguments: --modle.depth"),
         (["--mask.strategy", "diagonal"], "mask.strategy"),
@@ -100,8 +100,8 @@ def test_each_evaluation_task_has_its_own_settings():
     [
         (["knn", "--k", "0"], "--k must be > 0, got 0"),
         (["knn", "--temperature", "0"], "--temperature must be > 0"),
-        (["knn", "--limit-train", "0"], "--limit_train must be > 0"),
-        (["linear", "--batch-size", "0"], "--batch_size must be > 0"),
+        (["knn", "--limit-train", "0"], "--limit-train must be > 0"),
+        (["linear", "--batch-size", "0"], "--batch-size must be > 0"),
         (["attentive", "--epochs", "-1"], "--epochs must be > 0"),
         (["knn", "--features", "cls"], "features"),
     ],

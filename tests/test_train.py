@@ -149,7 +149,8 @@ def test_sigkill_then_same_command_continues(images, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(images, out, 400), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoints" / "step_0000010.ckpt").exists():
+    # last.ckpt is copied after each periodic file: once step 15's exists, last.ckpt holds step 10 or later
+    while time.time() < deadline and not (out / "checkpoints" / "step_0000015.ckpt").exists():
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
