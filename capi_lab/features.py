@@ -10,9 +10,14 @@ file (image list as JSON in its metadata) or an ``.npz`` (image list as the ``pa
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +36,8 @@ from capi_lab.config import ConfigError
 from capi_lab.data import DataError, ImageSource, eval_transform, resolve_source
 from capi_lab.model.capi import CAPIModel
 
+log = logging.getLogger("capi_lab.features")
+
 
 @dataclass
 class Features:
@@ -40,6 +47,15 @@ class Features:
     """``[N, R, D]``."""
     feature_map: Tensor | None
     """``[N, h, w, D]`` normalized patch features (None when not kept)."""
+    index: list[int] | None = None
+    """The source's images these rows are, in order (None: all of them); images that could not be read are
+    left out (:func:`extract_features`)."""
+    skipped: list[str] = field(default_factory=list)
+    """The images left out, as the source describes them."""
+
+    def labels(self, labels: Tensor) -> Tensor:
+        """The labels of the kept images, given the labels of the whole source."""
+        return labels if self.index is None else labels[self.index]
 
     @property
     def mean_patch(self) -> Tensor:
@@ -68,7 +84,9 @@ def extract_features(
     """Run ``model`` over every image of ``source`` (resize + centre crop to ``image_size``).
 
     With ``pool_patches`` the feature map is averaged per image right away (``feature_map`` then has
-    ``h = w = 1``), which keeps memory small for large sets.
+    ``h = w = 1``), which keeps memory small for large sets. An image that cannot be read is left out with one
+    warning naming it, as in training: ``index`` says which images the rows are, ``skipped`` which were left out;
+    when none can be read, a :class:`DataError`.
     """
     device = torch.device(device) if device is not None else default_device()
     p = model.patch_size
@@ -80,9 +98,13 @@ def extract_features(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
+    kept: list[int] = []
+    skipped: list[str] = []
     for start in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress, unit="batch"):
-        idx = range(start, min(start + batch_size, len(source)))
-        x = torch.stack([tf(source.load(i)) for i in idx]).to(device)
+        inputs = read_inputs(source, range(start, min(start + batch_size, len(source))), tf, kept, skipped)
+        if not inputs:
+            continue
+        x = torch.stack(inputs).to(device)
         with autocast:
             gr, reg, fm = model(x)
         g.append(gr.float().cpu())
@@ -91,7 +113,49 @@ def extract_features(
             f.append(fm.float().mean(dim=(1, 2), keepdim=True).cpu())
         elif keep_patches:
             f.append(fm.float().cpu())
-    return Features(torch.cat(g), torch.cat(r), torch.cat(f) if f else None)
+    index = kept_index(source, kept, skipped, desc)
+    return Features(torch.cat(g), torch.cat(r), torch.cat(f) if f else None, index, skipped)
+
+
+def read_inputs(
+    source: ImageSource, indices: Iterable[int], transform: Any, kept: list[int], skipped: list[str]
+) -> list[Tensor]:
+    """``transform(source.load(i))`` for each index that reads; appends to ``kept`` the indices read and to
+    ``skipped`` (with a warning) the images that could not be."""
+    out = []
+    for i in indices:
+        try:
+            out.append(transform(source.load(i)))
+            kept.append(i)
+        except Exception as e:
+            skipped.append(source.describe(i))
+            log.warning("skipping %s: cannot read it (%s)", skipped[-1], str(e).splitlines()[0][:120])
+    return out
+
+
+def kept_index(source: ImageSource, kept: list[int], skipped: list[str], desc: str) -> list[int] | None:
+    """None when every image was read, else the indices read; a :class:`DataError` when none was."""
+    if not kept:
+        raise DataError(f"none of the {len(source)} images could be read (first: {skipped[0] if skipped else '-'})")
+    if skipped:
+        log.warning("%s: %d of %d images could not be read and were left out", desc, len(skipped), len(source))
+    return None if len(kept) == len(source) else kept
+
+
+def check_writable(path: str | Path) -> Path:
+    """Make ``path``'s folder and check that a file can be written there, before any long work; a
+    :class:`DataError` says why not."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"--out {str(path)!r} is a folder; give a file name ending in .safetensors or .npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".capi_lab_write_check")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DataError(f"cannot write --out {str(path)!r} ({type(e).__name__}: {e.strerror or e})") from None
+    return path
 
 
 def save_features(path: str | Path, feats: Features, names: list[str]) -> Path:
@@ -150,16 +214,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
+        check_writable(args.out)  # before the extraction, not after it
         source = resolve_source(args.images)
         model = load_pretrained(args.checkpoint)
+        size = args.image_size or 16 * model.patch_size
+        feats = extract_features(
+            model, source, size, args.batch_size, keep_patches=not args.no_patches, device=args.device
+        )
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
-    size = args.image_size or 16 * model.patch_size
-    feats = extract_features(model, source, size, args.batch_size, keep_patches=not args.no_patches, device=args.device)
-    names = [source.describe(i) for i in range(len(source))]
+    names = [source.describe(i) for i in (feats.index or range(len(source)))]
     out = save_features(args.out, feats, names)
-    shapes = {k: list(v.shape) for k, v in vars(feats).items() if v is not None}
-    print(json.dumps({"out": str(out), "images": len(names), **shapes}))
+    shapes = {k: list(v.shape) for k, v in vars(feats).items() if isinstance(v, Tensor)}
+    print(json.dumps({"out": str(out), "images": len(names), "skipped": feats.skipped, **shapes}))
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from capi_lab.config import CAPIConfig, ModelConfig
+from capi_lab.config import CAPIConfig, ConfigError, ModelConfig
 from capi_lab.model.capi import CAPIModel
 
 PUBLISHED_URL = "https://dl.fbaipublicfiles.com/capi/{name}.pth"
@@ -59,6 +59,10 @@ def fetch_published(name: str) -> Path:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a ``.pth``/``.ckpt`` (weights only, no code runs) or ``.safetensors`` file into a dict."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()]
+        hint = f"; did you mean {str(inside[0])!r}?" if inside else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not exist; pass a file path, 'default', or one of {list(PUBLISHED)}"
@@ -73,13 +77,35 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any parse failure (truncated zip, bad pickle, refused global) means unreadable
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Expected a PyTorch state dict (.pth/.ckpt) or a .safetensors file; if it is truncated, fetch it again"
-        ) from None
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_why_unreadable(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict or capi_lab checkpoint")
     return obj
+
+
+def _why_unreadable(e: Exception) -> str:
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if refused:
+        return (
+            f"it holds a Python object ({refused.group(1)}) that would run code when loaded, and capi_lab loads only "
+            "tensors and plain values (torch.load with weights_only=True). If you trust the file, load it yourself "
+            "with weights_only=False and save its state_dict() again"
+        )
+    first = " ".join(str(e).split())
+    if len(first) > 300:
+        first = first[:300].rsplit(" ", 1)[0] + " ..."
+    return (
+        f"{type(e).__name__}: {first}. Expected a PyTorch state dict (.pth/.ckpt) or a .safetensors file; if it is "
+        "truncated, fetch or copy it again"
+    )
+
+
+def _check_tensors(sd: Any, what: str) -> None:
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{what} is a {type(sd).__name__}, not a state dict")
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{what} has values that are not tensors: {sorted(map(str, bad))[:6]}")
 
 
 def architecture_from_state_dict(sd: dict[str, Tensor]) -> ModelConfig:
@@ -90,7 +116,13 @@ def architecture_from_state_dict(sd: dict[str, Tensor]) -> ModelConfig:
             raise CheckpointError(f"missing key {key!r}: this does not look like a CAPI backbone state dict")
         return sd[key]
 
-    D, _, p, _ = get("patch_embed.weight").shape
+    patch_embed = get("patch_embed.weight")
+    if patch_embed.ndim != 4:
+        raise CheckpointError(
+            f"patch_embed.weight has shape {tuple(patch_embed.shape)}; a CAPI backbone's is 4-D "
+            "(embed_dim, 3, patch, patch)"
+        )
+    D, _, p, _ = patch_embed.shape
     R = get("registers").shape[1]
     d_pred = get("mask_token").shape[-1]
 
@@ -183,6 +215,7 @@ def model_from_authors_state_dict(sd: dict[str, Tensor]) -> CAPIModel:
     ignored, as by the authors' loader, except the exact head keys :func:`export_authors_state_dict`
     writes (``head.last_layer.weight_g/v``, ``clustering_head.linear.weight/bias``)."""
     backbone = {k[len(_AUTHORS_PREFIX) :]: v for k, v in sd.items() if k.startswith(_AUTHORS_PREFIX)}
+    _check_tensors(backbone, "its backbone.* entries")
     heads = {
         name: {k: sd[f"{name}.{k}"] for k in keys}
         for name, keys in _HEAD_KEYS.items()
@@ -207,11 +240,17 @@ def model_state(model: CAPIModel, config: CAPIConfig | None = None, **meta: Any)
 def model_from_capi_lab(obj: dict[str, Any], which: str = "teacher") -> CAPIModel:
     """Build a model from a capi_lab file: a model file (``model``) or a training checkpoint, whose
     ``teacher`` (the EMA model, like the authors' releases) is used by default."""
-    full = CAPIConfig.from_dict(obj["config"])
+    if not isinstance(obj.get("config"), dict):
+        raise CheckpointError(f"the capi_lab checkpoint has no config (its keys: {sorted(map(str, obj))})")
+    try:
+        full = CAPIConfig.from_dict(obj["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"the checkpoint's config is invalid: {e}") from None
     config = full.model
     sd = obj.get("model", obj.get(which))
     if sd is None:
         raise CheckpointError(f"capi_lab checkpoint holds neither 'model' nor {which!r}: keys {sorted(obj)}")
+    _check_tensors(sd, f"its {'model' if 'model' in obj else which!r} weights")
     model = CAPIModel(
         config,
         student_head=any(k.startswith("head.") for k in sd),
@@ -246,11 +285,21 @@ def load_pretrained(src: str | Path, device: str | torch.device = "cpu") -> CAPI
     else:
         path = Path(src)
     obj = read_checkpoint(path)
-    if obj.get("format") == FORMAT:
-        model = model_from_capi_lab(obj)
-    elif any(isinstance(k, str) and k.startswith(_AUTHORS_PREFIX) for k in obj):
-        model = model_from_authors_state_dict(obj)
-    else:
+    try:
+        if obj.get("format") == FORMAT:
+            model = model_from_capi_lab(obj)
+        elif any(isinstance(k, str) and k.startswith(_AUTHORS_PREFIX) for k in obj):
+            model = model_from_authors_state_dict(obj)
+        else:
+            model = None
+    except CheckpointError as e:
+        raise CheckpointError(f"{str(path)!r}: {e}") from None
+    except (ConfigError, KeyError, AttributeError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        # whatever the checks above did not foresee: still one line naming the file
+        raise CheckpointError(
+            f"{str(path)!r} is a malformed checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
+    if model is None:
         keys = [k for k in list(obj)[:5]]
         raise CheckpointError(
             f"{str(path)!r} is neither an authors' CAPI state dict (keys 'backbone.*') nor a capi_lab checkpoint; "

@@ -168,19 +168,30 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
     attentive = task == "attentive"
-    if model is None:
-        if attentive:
-            raise SystemExit("error: the attentive probe needs patch tokens; give a model --checkpoint")
-        size = args.image_size or 28
-        x_tr, x_te = raw_pixels(splits.train, size), raw_pixels(splits.test, size)
-    else:
-        size = args.image_size or model.image_size or 16 * model.patch_size
-        pool = task == "classification" or (task in ("knn", "linear") and args.features == "mean-patch")
-        feats = [
-            extract_features(model, s, size, args.batch_size, keep_patches=pool or attentive, pool_patches=pool,
-                             device=args.device, desc=f"features ({name})")
-            for name, s in (("train", splits.train), ("test", splits.test))
-        ]  # fmt: skip
+    if model is None and attentive:
+        raise SystemExit("error: the attentive probe needs patch tokens; give a model --checkpoint")
+    try:
+        if model is None:
+            size = args.image_size or 28
+            (x_tr, i_tr), (x_te, i_te) = (raw_pixels(s, size, f"pixels ({n})") for n, s in _named(splits))
+        else:
+            size = args.image_size or model.image_size or 16 * model.patch_size
+            pool = task == "classification" or (task in ("knn", "linear") and args.features == "mean-patch")
+            feats = [
+                extract_features(model, s, size, args.batch_size, keep_patches=pool or attentive, pool_patches=pool,
+                                 device=args.device, desc=f"features ({name})")
+                for name, s in _named(splits)
+            ]  # fmt: skip
+            i_tr, i_te = (f.index for f in feats)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    y_tr, y_te = (y if i is None else y[i] for y, i in ((splits.train_labels, i_tr), (splits.test_labels, i_te)))
+    n_train, n_test = len(y_tr), len(y_te)
+    k = getattr(args, "k", None)
+    if k is not None and k > n_train:
+        print(f"warning: --k {k} is more than the {n_train} images of the bank; using k = {n_train}", file=sys.stderr)
+        k = n_train
+    if model is not None:
         if attentive:
             x_tr, x_te = (f.feature_map.flatten(1, 2) for f in feats)
         elif task == "classification":
@@ -188,32 +199,34 @@ def main(argv: list[str] | None = None) -> int:
         else:
             x_tr, x_te = (f.mean_patch if pool else f.global_repr for f in feats)
     if task == "classification":
-        y_tr, y_te = splits.train_labels, splits.test_labels
         kinds = {"raw": (x_tr, x_te)} if model is None else {
             "global": (x_tr.global_repr, x_te.global_repr), "mean_patch": (x_tr.mean_patch, x_te.mean_patch)
         }  # fmt: skip
         metric = {}
         for name, (a, b) in kinds.items():
-            metric[f"knn_{name}"] = knn_accuracy(a, y_tr, b, y_te, args.k, args.temperature)
+            metric[f"knn_{name}"] = knn_accuracy(a, y_tr, b, y_te, k, args.temperature)
             metric[f"linear_{name}"] = linear_accuracy(a, y_tr, b, y_te)
     elif task == "knn":
-        metric = {"top1": knn_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels, args.k, args.temperature)}
-        metric.update(k=args.k, temperature=args.temperature)
+        metric = {"top1": knn_accuracy(x_tr, y_tr, x_te, y_te, k, args.temperature), "k": k}
+        metric["temperature"] = args.temperature
     elif attentive:
-        top1 = attentive_accuracy(
-            x_tr, splits.train_labels, x_te, splits.test_labels, epochs=args.epochs, seed=args.seed
-        )
+        top1 = attentive_accuracy(x_tr, y_tr, x_te, y_te, epochs=args.epochs, seed=args.seed)
         metric = {"top1": top1, "epochs": args.epochs}
     else:
-        metric = {"top1": linear_accuracy(x_tr, splits.train_labels, x_te, splits.test_labels)}
+        metric = {"top1": linear_accuracy(x_tr, y_tr, x_te, y_te)}
     row = {
         "task": task, "checkpoint": args.checkpoint, "dataset": args.dataset,
         "features": "raw-pixels" if model is None else _FEATURES.get(task) or args.features,  # type: ignore[attr-defined]
         "image_size": size, **metric,
-        "n_train": len(splits.train), "n_test": len(splits.test), "seconds": round(time.perf_counter() - t0, 1),
+        "n_train": n_train, "n_test": n_test, "skipped_images": len(splits.train) + len(splits.test) - n_train - n_test,
+        "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     print(json.dumps(row))
     return 0
+
+
+def _named(splits):
+    return (("train", splits.train), ("test", splits.test))
 
 
 _FEATURES = {"attentive": "patch-tokens", "classification": "global+mean-patch"}

@@ -101,6 +101,14 @@ def load_model(spec: str, seed: int = 0):
     return capi_lab.load_pretrained(spec)
 
 
-def raw_pixels(source: ImageSource, image_size: int) -> torch.Tensor:
+def raw_pixels(source: ImageSource, image_size: int, desc: str = "pixels") -> tuple[torch.Tensor, list[int] | None]:
+    """The flattened normalised pixels of every image that reads, and which images those are (None: all);
+    unreadable images are left out as by :func:`capi_lab.features.extract_features`."""
+    from capi_lab.features import kept_index, read_inputs
+
+    kept: list[int] = []
+    skipped: list[str] = []
     tf = eval_transform(image_size)
-    return torch.stack([tf(source.load(i)).flatten() for i in range(len(source))])
+    x = read_inputs(source, range(len(source)), lambda img: tf(img).flatten(), kept, skipped)
+    index = kept_index(source, kept, skipped, desc)
+    return torch.stack(x), index
