@@ -46,14 +46,30 @@ STRATEGIES = list(MASK_STRATEGY_NAMES)
 GALLERY = dict(format="png", object_fit="contain", height="auto", preview=False)  # lossless, uncropped
 
 
-class Workbench:
-    """The model and a small cache of encoded images, shared by every view and request."""
+CACHE_BYTES = 512 * 2**20
+"""What the encoded-image cache may hold: features and cluster logits of a 1024 px image take ~50 MB with the
+default model and far more with 16384 prototypes, so the cache is capped in bytes, not entries."""
+DELETE_CACHE = (600, 3600)
+"""Gradio's ``delete_cache``: every 10 minutes, uploads and result pictures older than an hour are deleted (and
+all of them when the app starts)."""
 
-    def __init__(self, model: CAPIModel, source: str = "in-memory model", cache_size: int = 64):
+
+def encoded_bytes(e: ex.Encoded) -> int:
+    """Memory held by one cache entry: its tensors and its picture."""
+    tensors = [t for t in (e.features, e.logits) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) + e.shown.width * e.shown.height * 3
+
+
+class Workbench:
+    """The model and a cache of encoded images (least recently used first out, at most ``cache_bytes``),
+    shared by every view and request."""
+
+    def __init__(self, model: CAPIModel, source: str = "in-memory model", cache_bytes: int = CACHE_BYTES):
         self.model = model.eval()
         self.source = source
         self._cache: OrderedDict[tuple, ex.Encoded] = OrderedDict()
-        self._cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.cached_bytes = 0
         self._lock = threading.Lock()
 
     @property
@@ -69,14 +85,26 @@ class Workbench:
             key = (hashlib.sha1(li.image.tobytes()).hexdigest(), li.image.size, int(resolution))
             with self._lock:
                 hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
             if hit is None:
                 hit = ex.encode(self.model, li.image, int(resolution))
-                with self._lock:
-                    self._cache[key] = hit
-                    while len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
+                self._remember(key, hit)
             out.append(hit)
         return out
+
+    def _remember(self, key: tuple, e: ex.Encoded) -> None:
+        size = encoded_bytes(e)
+        if size > self.cache_bytes:
+            return  # larger than the whole cache: not kept
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = e
+            self.cached_bytes += size
+            while self.cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self.cached_bytes -= encoded_bytes(old)
 
     def describe(self) -> str:
         """Markdown for the model panel: architecture, size, source, provenance."""
@@ -256,7 +284,7 @@ def build_demo(model: CAPIModel | Workbench, source: str = "in-memory model") ->
     """The app's Blocks, on ``model`` (nothing is loaded or launched here)."""
     wb = model if isinstance(model, Workbench) else Workbench(model, source)
     p = wb.patch_size
-    with gr.Blocks(title="capi_lab — what CAPI sees", analytics_enabled=False) as demo:
+    with gr.Blocks(title="capi_lab — what CAPI sees", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             "# capi_lab — what a CAPI model sees\n"
             "Upload images (or use the examples), then open a view. Colours in the joint PCA and the cluster "
@@ -367,11 +395,12 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860) -> dict[str,
 
 
 def resolve_model(checkpoint: str | None, weights: str | None) -> tuple[CAPIModel, str]:
+    """The model to serve and its name; a missing, malformed or unsafe file is a :class:`CheckpointError`."""
     source = checkpoint or weights or "default"
-    if checkpoint is not None and not Path(checkpoint).is_file():
+    if checkpoint is not None and not Path(checkpoint).exists():
         raise CheckpointError(
-            f"checkpoint {checkpoint!r} does not exist (or is not a file); give a file written by "
-            "`python -m capi_lab.train` (DIR/checkpoints/last.ckpt), an exported model, or an authors' .pth"
+            f"checkpoint {checkpoint!r} does not exist; give a file written by `python -m capi_lab.train` "
+            "(DIR/checkpoints/last.ckpt), an exported model, or an authors' .pth"
         )
     return load_pretrained(source), source
 
@@ -384,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     ap.add_argument("--port", type=int, default=7860)
     args = ap.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        ap.error(f"--port must be in 1..65535, got {args.port}")
     try:
         model, source = resolve_model(args.checkpoint, args.weights)
     except CheckpointError as e:
