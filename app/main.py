@@ -49,8 +49,8 @@ GALLERY = dict(format="png", object_fit="contain", height="auto", preview=False)
 CACHE_BYTES = 512 * 2**20
 """What the encoded-image cache may hold: features and cluster logits of a 1024 px image take ~50 MB with the
 default model and far more with 16384 prototypes, so the cache is capped in bytes, not entries."""
-DELETE_CACHE = (600, 3600)
-"""Gradio's ``delete_cache``: every 10 minutes, uploads and result pictures older than an hour are deleted (and
+DELETE_CACHE = (300, 1800)
+"""Gradio's ``delete_cache``: every 5 minutes, uploads and result pictures older than 30 minutes are deleted (and
 all of them when the app starts)."""
 
 
