@@ -144,6 +144,8 @@ def run_study(args: argparse.Namespace) -> None:
             print(f"{name}: already in {results}, skipped")
             continue
         flags, what = STUDIES[name]
+        if name == "base" and args.base != "old":
+            what = f"`{args.base}` as it is now (the base itself)"
         run_dir, seconds = train(name, flags, args)
         row = {"name": name, "what": what, "base": args.base, "base_flags": " ".join(BASES[args.base]),
                "flags": " ".join(flags), "steps": args.steps,

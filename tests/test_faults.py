@@ -290,6 +290,12 @@ def test_6_a_malformed_checkpoint_is_one_clear_error_naming_the_file(case, tmp_p
     ]:
         with pytest.raises(SystemExit, match=r"^error: "):
             cli(argv)
+    import app.main as app
+
+    with pytest.raises(SystemExit):  # argparse's error: usage, then one line, exit status 2
+        app.main(["--checkpoint", str(path)])
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
 
 
 def test_6_the_pickle_refusal_is_a_whole_sentence(tmp_path):
