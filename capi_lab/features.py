@@ -90,8 +90,11 @@ def extract_features(
     """
     device = torch.device(device) if device is not None else default_device()
     p = model.patch_size
-    if image_size % p:
-        raise ValueError(f"image_size {image_size} is not a multiple of the model's patch size {p}")
+    if image_size % p or image_size < p:
+        raise ConfigError(
+            f"--image-size {image_size} is not a multiple of the model's patch size {p}; use e.g. "
+            f"{max(1, round(image_size / p)) * p}"
+        )
     model = model.to(device).eval()
     tf = eval_transform(image_size)
     g, r, f = [], [], []
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         feats = extract_features(
             model, source, size, args.batch_size, keep_patches=not args.no_patches, device=args.device
         )
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
     names = [source.describe(i) for i in (feats.index or range(len(source)))]
     out = save_features(args.out, feats, names)

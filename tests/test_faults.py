@@ -441,3 +441,12 @@ def test_8_a_bad_port_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         app.main(["--port", "70000"])
     assert "--port must be in 1..65535, got 70000" in capsys.readouterr().err
+
+
+def test_7_an_image_size_the_model_cannot_take_is_one_line(images, tmp_path):
+    """The default model has 8 px patches: --image-size 30 is refused naming a size that works."""
+    with pytest.raises(SystemExit, match=r"^error: --image-size 30 is not a multiple of the model's patch size 8"):
+        features_cli.main(["--checkpoint", "default", "--images", str(images), "--out", str(tmp_path / "f.npz"),
+                           "--image-size", "30"])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"^error: --image-size 30 .* use e.g. 32"):
+        eval_cli.main(["knn", "--checkpoint", "default", "--dataset", str(images), "--image-size", "30"])

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, s in _named(splits)
             ]  # fmt: skip
             i_tr, i_te = (f.index for f in feats)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
     y_tr, y_te = (y if i is None else y[i] for y, i in ((splits.train_labels, i_tr), (splits.test_labels, i_te)))
     n_train, n_test = len(y_tr), len(y_te)
