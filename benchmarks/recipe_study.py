@@ -56,6 +56,22 @@ STUDIES: dict[str, tuple[list[str], str]] = {
     "block": (["--mask.strategy", "block"], "block masking"),
     "wide": (["--model.embed-dim", "192", "--model.num-heads", "6"], "width 192 (6 heads)"),
     "deep": (["--model.depth", "6"], "depth 6"),
+    "best4": (
+        [
+            "--mask.prediction-subsampling",
+            "1.0",
+            "--crop-scale",
+            "0.3",
+            "1.0",
+            "--mask.strategy",
+            "random",
+            "--mask.roll",
+            "false",
+            "--optim.momentum-peak",
+            "0.9",
+        ],
+        "the four best 600-step knobs together (pred 1.0, crop 0.3-1, random masking, momentum 0.9)",
+    ),
     "k64+m0.95": (
         ["--model.num-prototypes", "64", "--optim.momentum-peak", "0.95"],
         "prototypes 64, momentum 0.95 (tiny now)",
@@ -169,7 +185,8 @@ def key(row: dict) -> tuple:
 def label(row: dict) -> str:
     """The row's name, prefixed by its base when that is not the first rows' ``old`` base."""
     base = row.get("base", "old")
-    return row["name"] if base == "old" else f"{base}+{row['name']}"
+    name = row["name"] if base == "old" else f"{base}+{row['name']}"
+    return name if row["seed"] == 0 else f"{name} (seed {row['seed']})"
 
 
 def rows(path: Path) -> list[dict]:
