@@ -346,10 +346,17 @@ def _image_as_data(tmp_path):
     return f
 
 
+def _binary_as_list(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(bytes(range(256)) * 4)
+    return f
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (_undecodable_folder, "none of the 5 images tried .* can be decoded"),
+        (_binary_as_list, r"is not a text file \(binary content\)"),
         (_missing_list, r"none of the 2 paths it lists exists \(first: .*a.png"),
         (_image_as_data, "is an image file; give the folder that holds it"),
     ],
@@ -380,6 +387,7 @@ def test_7_a_list_file_with_some_missing_paths_keeps_the_rest(images, tmp_path, 
         (["--devices", "abc"], "--devices must be a number >= 1, 'auto'"),
         (["--devices", "0"], "--devices must be a number >= 1, 'auto'"),
         (["--num-workers", "-2"], "--num-workers must be >= -1"),
+        (["--seed", "-1"], "--seed must be >= 0"),
     ],
 )
 def test_7_bad_run_values_are_refused_by_name(flags, message):
