@@ -197,11 +197,8 @@ def check_resume(run: RunConfig, path: Path, ck: dict[str, Any]) -> dict[str, tu
         log.warning("resuming with changed settings (--resume-with-changes): %s", listed)
     old_steps = ck["run"].get("max_steps", run.max_steps)
     if old_steps != run.max_steps:
-        o, step = run.capi.optim, int(ck["step"])
-        before, after = (
-            Schedules(n, o.lr, o.momentum_peak, o.warmup_fraction, o.truncate, o.clustering_lr_ratio)
-            for n in (old_steps, run.max_steps)
-        )
+        step = int(ck["step"])
+        before, after = (Schedules.of(n, run.capi.optim) for n in (old_steps, run.max_steps))
         log.warning(
             "--max-steps %d -> %d stretches the schedules to the new length: at step %d the lr goes from %.3g to "
             "%.3g and the teacher momentum from %.5f to %.5f",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 def warmup_cosine(
@@ -37,6 +38,12 @@ class Schedules:
     warmup_fraction: float = 0.1
     truncate: float = 0.8
     clustering_lr_ratio: float = 0.5
+
+    @classmethod
+    def of(cls, total_steps: int, optim: Any) -> Schedules:
+        """The schedules of a run of ``total_steps`` steps with ``optim`` (a :class:`capi_lab.config.OptimConfig`)."""
+        o = optim
+        return cls(total_steps, o.lr, o.momentum_peak, o.warmup_fraction, o.truncate, o.clustering_lr_ratio)
 
     @property
     def warmup_steps(self) -> int:

@@ -303,7 +303,7 @@ def build_trainer(
     optimizer, clustering_optimizer = fabric.setup_optimizers(optimizer, clustering_optimizer)
     if not fsdp:
         fabric.to_device(teacher)
-    schedules = Schedules(max_steps, o.lr, o.momentum_peak, o.warmup_fraction, o.truncate, o.clustering_lr_ratio)
+    schedules = Schedules.of(max_steps, o)
     return Trainer(
         fabric, cfg, student, teacher, s_step, t_step, optimizer, clustering_optimizer, schedules, s_raw, t_raw,
         cuda_graphs=cuda_graphs,

@@ -36,3 +36,20 @@ def no_shape_checks():
     jaxtyping.config.update("jaxtyping_disable", True)
     yield
     jaxtyping.config.update("jaxtyping_disable", False)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """A small folder of generated images: 24 PNGs of 44x36 px in three class sub-folders."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        sub = root / f"class_{i % 3}"
+        sub.mkdir(exist_ok=True)
+        a = (rng.random((36, 44, 3)) * 255).astype("uint8")
+        a[: 10 + i % 7] //= 2
+        Image.fromarray(a).save(sub / f"{i}.png")
+    return root

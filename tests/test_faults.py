@@ -32,20 +32,6 @@ from capi_lab.train import RunConfig, main, resolve_config
 TINY = ["--preset", "tiny", "--num-workers", "0", "--batch-size", "8", "--model.num-prototypes", "16"]
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """24 small generated images in three class folders."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        sub = root / f"class_{i % 3}"
-        sub.mkdir(exist_ok=True)
-        a = (rng.random((30, 30, 3)) * 255).astype("uint8")
-        a[: 5 + 4 * (i % 3)] //= 3
-        Image.fromarray(a).save(sub / f"{i}.png")
-    return root
-
-
 @pytest.fixture()
 def with_a_bad_image(images, tmp_path):
     """A copy of ``images`` with one file that is not an image."""

@@ -18,20 +18,6 @@ from capi_lab.train import main, resolve_config
 TINY = ["--preset", "tiny", "--num-workers", "0", "--batch-size", "8", "--model.num-prototypes", "64"]
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """A small folder of generated images with class sub-folders."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        sub = root / f"class_{i % 3}"
-        sub.mkdir(exist_ok=True)
-        a = (rng.random((36, 44, 3)) * 255).astype("uint8")
-        a[: 10 + i % 7] //= 2
-        Image.fromarray(a).save(sub / f"{i}.png")
-    return root
-
-
 def _metrics(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
