@@ -2,8 +2,8 @@
 
     python -m capi_lab.features --checkpoint runs/quick/checkpoints/last.ckpt --images photos/ --out f.safetensors
 
-Writes, for every image, the global representation ``[N, D]``, the registers ``[N, R, D]`` and the
-patch feature map ``[N, h, w, D]`` (``--no-patches`` to skip it), plus the image list: a safetensors
+Writes, for every image, the global representation ``[N, D]``, the registers ``[N, R, D]`` (``--no-registers`` to
+skip them) and the patch feature map ``[N, h, w, D]`` (``--no-patches`` to skip it), plus the image list: a safetensors
 file (image list as JSON in its metadata) or an ``.npz`` (image list as the ``paths`` array).
 """
 
@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ log = logging.getLogger("capi_lab.features")
 class Features:
     global_repr: Tensor
     """``[N, D]``: mean of the first predictor block over all positions (the paper's pooling)."""
-    registers: Tensor
-    """``[N, R, D]``."""
+    registers: Tensor | None
+    """``[N, R, D]`` (None when not kept)."""
     feature_map: Tensor | None
     """``[N, h, w, D]`` normalized patch features (None when not kept)."""
     index: list[int] | None = None
@@ -65,8 +65,58 @@ class Features:
         return self.feature_map.mean(dim=(1, 2))
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--dtype`` of the model's forward pass. fp32 is the default on every device, so a result does not depend on
+where it was computed; bf16/fp16 run under autocast (faster on a GPU, a little different)."""
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, dtype: str = "fp32"):
+    """The autocast context for ``dtype`` (:data:`DTYPES`) on ``device``; none for fp32."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
+def check_image_size(p: int, image_size: int) -> None:
+    """An input side the model can take: a multiple of its patch size ``p``, else a ConfigError naming one."""
+    if image_size % p or image_size < p:
+        raise ConfigError(
+            f"--image-size {image_size} is not a multiple of the model's patch size {p}; use e.g. "
+            f"{max(1, round(image_size / p)) * p}"
+        )
+
+
+class _Inputs(torch.utils.data.Dataset):
+    """``(index, input tensor or None, error)`` per image, so a loader worker reports an unreadable image instead
+    of dying on it."""
+
+    def __init__(self, source: ImageSource, transform: Any):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(self.source.load(i)), None
+        except Exception as e:
+            return i, None, str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
+def _collate(items):
+    return items
+
+
+def loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """In order, unshuffled, every item kept: the extraction loaders of features and evaluations."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+        persistent_workers=False, prefetch_factor=2 if num_workers else None,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -80,44 +130,57 @@ def extract_features(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "features",
+    keep_registers: bool = False,
+    num_workers: int = 0,
+    dtype: str = "fp32",
 ) -> Features:
     """Run ``model`` over every image of ``source`` (resize + centre crop to ``image_size``).
 
-    With ``pool_patches`` the feature map is averaged per image right away (``feature_map`` then has
-    ``h = w = 1``), which keeps memory small for large sets. An image that cannot be read is left out with one
-    warning naming it, as in training: ``index`` says which images the rows are, ``skipped`` which were left out;
-    when none can be read, a :class:`DataError`.
+    Images are decoded by a DataLoader with ``num_workers`` processes (0: in this one) and written into
+    preallocated outputs, so memory is the result and one batch, never a list of batches and their concatenation.
+    Registers are kept only with ``keep_registers``; patch maps with ``keep_patches``, or averaged per image right
+    away with ``pool_patches`` (``feature_map`` then has ``h = w = 1``). ``dtype`` (:data:`DTYPES`, fp32 by default
+    on every device) is the forward pass's precision; outputs are fp32. An image that cannot be read is left out
+    with one warning naming it, as in training: ``index`` says which images the rows are, ``skipped`` which were
+    left out; when none can be read, a :class:`DataError`.
     """
     device = torch.device(device) if device is not None else default_device()
-    p = model.patch_size
-    if image_size % p or image_size < p:
-        raise ConfigError(
-            f"--image-size {image_size} is not a multiple of the model's patch size {p}; use e.g. "
-            f"{max(1, round(image_size / p)) * p}"
-        )
+    check_image_size(model.patch_size, image_size)
     model = model.to(device).eval()
-    tf = eval_transform(image_size)
-    g, r, f = [], [], []
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
+    cast = autocast(device, dtype)
+    n = len(source)
+    out: dict[str, Tensor] = {}
     kept: list[int] = []
     skipped: list[str] = []
-    for start in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress, unit="batch"):
-        inputs = read_inputs(source, range(start, min(start + batch_size, len(source))), tf, kept, skipped)
-        if not inputs:
+    row = 0
+    batches = loader(_Inputs(source, eval_transform(image_size)), batch_size, num_workers)
+    for items in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        for i, _, err in items:
+            if err is not None:
+                skipped.append(source.describe(i))
+                log.warning("skipping %s: cannot read it (%s)", skipped[-1], err)
+        good = [(i, x) for i, x, err in items if err is None]
+        if not good:
             continue
-        x = torch.stack(inputs).to(device)
-        with autocast:
-            gr, reg, fm = model(x)
-        g.append(gr.float().cpu())
-        r.append(reg.float().cpu())
+        with cast:
+            gr, reg, fm = model(torch.stack([x for _, x in good]).to(device))
+        parts = {"global_repr": gr}
+        if keep_registers:
+            parts["registers"] = reg
         if pool_patches:
-            f.append(fm.float().mean(dim=(1, 2), keepdim=True).cpu())
+            parts["feature_map"] = fm.float().mean(dim=(1, 2), keepdim=True)
         elif keep_patches:
-            f.append(fm.float().cpu())
+            parts["feature_map"] = fm
+        for name, t in parts.items():
+            if name not in out:
+                out[name] = torch.empty((n, *t.shape[1:]), dtype=torch.float32)
+            out[name][row : row + len(good)] = t.float().cpu()
+        kept += [i for i, _ in good]
+        row += len(good)
     index = kept_index(source, kept, skipped, desc)
-    return Features(torch.cat(g), torch.cat(r), torch.cat(f) if f else None, index, skipped)
+    if index is not None:  # some left out: the kept rows are the first `row`
+        out = {k: v[:row] for k, v in out.items()}
+    return Features(out["global_repr"], out.get("registers"), out.get("feature_map"), index, skipped)
 
 
 def read_inputs(
@@ -165,7 +228,9 @@ def save_features(path: str | Path, feats: Features, names: list[str]) -> Path:
     """``.safetensors`` (names as JSON metadata) or ``.npz`` (names as the ``paths`` array)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"global_repr": feats.global_repr, "registers": feats.registers}
+    tensors = {"global_repr": feats.global_repr}
+    if feats.registers is not None:
+        tensors["registers"] = feats.registers
     if feats.feature_map is not None:
         tensors["feature_map"] = feats.feature_map
     if path.suffix == ".npz":
@@ -195,13 +260,34 @@ class FeaturesConfig:
     """Images per forward pass."""
     no_patches: bool = False
     """Do not store the patch feature maps (only the global and register features)."""
+    no_registers: bool = False
+    """Do not store the register tokens."""
     device: str | None = None
     """'cpu' or 'cuda' (default: cuda when available)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the forward pass (fp32 on every device by default, so features do not depend on it)."""
+    num_workers: int = -1
+    """Image-decoding worker processes; -1 picks them from the cores (none on a CPU with fewer than 4)."""
 
     def __post_init__(self) -> None:
         if not self.out.endswith((".safetensors", ".npz")):
             raise ConfigError(f"--out must end in .safetensors or .npz, got {self.out!r}")
         require_positive(self, "batch_size", "image_size")
+        check_workers(self.num_workers)
+
+
+def check_workers(num_workers: int) -> None:
+    if num_workers < -1:
+        raise ConfigError(f"--num-workers {num_workers}: give 0 or more, or -1 to pick from the cores")
+
+
+def resolve_workers(num_workers: int, device: torch.device) -> int:
+    """``--num-workers``, with -1 resolved as training does (:func:`capi_lab.loader.default_workers`)."""
+    if num_workers >= 0:
+        return num_workers
+    from capi_lab.loader import default_workers
+
+    return default_workers(device.type, os.cpu_count() or 1, 0, torch.cuda.device_count())
 
 
 def parse_args(argv: list[str] | None = None) -> FeaturesConfig:
@@ -221,9 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         source = resolve_source(args.images)
         model = load_pretrained(args.checkpoint)
         size = args.image_size or 16 * model.patch_size
+        device = torch.device(args.device) if args.device else default_device()
         feats = extract_features(
-            model, source, size, args.batch_size, keep_patches=not args.no_patches, device=args.device
-        )
+            model, source, size, args.batch_size, keep_patches=not args.no_patches, device=device,
+            keep_registers=not args.no_registers, num_workers=resolve_workers(args.num_workers, device),
+            dtype=args.dtype,
+        )  # fmt: skip
     except (DataError, CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
     names = [source.describe(i) for i in (feats.index or range(len(source)))]

@@ -53,3 +53,17 @@ def images(tmp_path_factory):
         a[: 10 + i % 7] //= 2
         Image.fromarray(a).save(sub / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised `tiny` model (32 prototypes) saved as a model-only checkpoint."""
+    import torch
+
+    import capi_lab
+    from capi_lab.pretrained import model_state
+
+    model = capi_lab.create_model("tiny", num_prototypes=32)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model_state(model), path)
+    return path

@@ -11,7 +11,6 @@ from capi_lab import features as capi_features
 from capi_lab.data import FASHION_MNIST_DIR
 from capi_lab.evaluation import __main__ as capi_eval
 from capi_lab.evaluation import knn_accuracy, knn_predict, linear_accuracy
-from capi_lab.pretrained import model_state
 
 
 def test_attentive_probe_learns_where_pooling_fails():
@@ -61,14 +60,6 @@ def colour_folder(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    model = capi_lab.create_model("tiny", num_prototypes=32)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(model_state(model), path)
-    return path
-
-
 def test_folder_split_is_stratified(colour_folder):
     s = capi_eval.load_labeled(str(colour_folder))
     assert len(s.train) == 16 and len(s.test) == 4 and s.classes == ["blue", "red"]
@@ -89,7 +80,7 @@ def test_eval_cli_prints_one_json_line(task, colour_folder, tiny_checkpoint, cap
 
 
 def test_eval_bad_inputs(tmp_path, tiny_checkpoint):
-    with pytest.raises(SystemExit, match="not 'fashion-mnist' and not a folder"):
+    with pytest.raises(SystemExit, match="not 'fashion-mnist', a folder or a list file"):
         capi_eval.main(["knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(tmp_path / "nope")])
     (tmp_path / "only").mkdir()
     with pytest.raises(SystemExit, match="at least two class sub-folders"):
@@ -222,7 +213,8 @@ def test_seg_knn_cli(stamps, tiny_checkpoint, capsys, tmp_path):
     assert capi_eval.main(args) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["task"] == "seg-knn" and row["num_classes"] == 3 and row["k"] == 10  # seg-knn's own default
-    assert row["n_train"] == 12 and row["n_test"] == 6 and row["classes"] == ["bars", "discs"]
+    assert row["n_train_images"] == 12 and row["n_test_images"] == 6
+    assert row["classes"] == ["background", "bars", "discs"] and row["protocol"] == "quick"
     # an explicit --k is kept, 20 included (it was once read as "not given" and replaced by 10)
     assert capi_eval.main([*args, "--k", "20"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["k"] == 20

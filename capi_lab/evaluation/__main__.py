@@ -4,12 +4,16 @@
     python -m capi_lab.evaluation linear --checkpoint CKPT --dataset path/to/folder_with_class_subfolders
     python -m capi_lab.evaluation attentive --checkpoint CKPT --dataset fashion-mnist --limit-train 10000
     python -m capi_lab.evaluation seg-knn --checkpoint CKPT --dataset tuxpaint
+    python -m capi_lab.evaluation seg-knn --checkpoint CKPT --dataset PATH/ADEChallengeData2016 --protocol capi
+    python -m capi_lab.evaluation seg-linear --checkpoint CKPT --dataset PATH/VOCdevkit/VOC2012
 
 Prints one JSON line with the metrics. ``--checkpoint`` takes anything load_pretrained accepts, or
-``raw-pixels`` for the pixel baseline. A folder dataset uses its ``train/`` and ``val/`` (or ``test/``)
-sub-folders when present, else a seeded, class-stratified 80/20 split of its class sub-folders.
-``seg-knn`` takes ``tuxpaint`` (the fetched stamps, see capi_lab.evaluation.segmentation) or a folder
-of class sub-folders of RGBA cut-outs, pasted on the demo photos.
+``raw-pixels`` for the pixel baseline. A classification dataset is ``fashion-mnist``, a folder of class
+sub-folders (its ``train/`` and ``val/`` or ``test/`` sub-folders when present, else a seeded, class-stratified
+80/20 split) or a list file of ``path label [split]`` lines. ``seg-knn`` / ``seg-linear`` take ``tuxpaint`` (the
+generated scenes, see capi_lab.evaluation.segmentation), ADE20K, Pascal VOC or an image/mask pairs folder
+(capi_lab.evaluation.segsets); ``--protocol capi`` is the authors' protocol (docs/evaluation.md), ``quick`` a
+fast one for small CPU data.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 from capi_lab.command_line import (
     clear_errors,
@@ -51,9 +57,16 @@ class EvalConfig:
     """Seed of the train/test split, the subsets and any random initialisation."""
     device: str | None = None
     """'cpu' or 'cuda' (default: cuda when available)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the model's forward pass; fp32 on every device by default, so results do not depend on it."""
+    num_workers: int = -1
+    """Image-decoding worker processes; -1 picks them from the cores (none on a CPU with fewer than 4)."""
 
     def __post_init__(self) -> None:
+        from capi_lab.features import check_workers
+
         require_positive(self, "batch_size", "image_size")
+        check_workers(self.num_workers)
 
 
 @dataclass
@@ -114,23 +127,54 @@ class ClassificationConfig(_Neighbours):
 
 
 @dataclass
-class SegKNNConfig(EvalConfig):
-    """k-NN segmentation of patches on generated object-on-photo scenes."""
-
+class _Segmentation(EvalConfig):
     dataset: str = "tuxpaint"
-    """'tuxpaint' (the fetched stamps) or a folder of class sub-folders of RGBA cut-outs."""
-    k: int = 10
-    """Neighbours per patch."""
-    temperature: float = 0.07
-    """Softmax temperature of the neighbours' votes."""
+    """'tuxpaint' (generated scenes), a folder of class sub-folders of RGBA cut-outs, ADE20K
+    (ADEChallengeData2016), Pascal VOC (VOC2012) or a folder of images/ and masks/ (see --layout)."""
+    layout: Literal["auto", "ade20k", "voc", "pairs", "tuxpaint", "stamps"] = "auto"
+    """How --dataset is laid out; 'auto' recognises it (an unrecognised folder is an error, never a guess)."""
+    protocol: Literal["auto", "quick", "capi"] = "auto"
+    """'capi': the authors' protocol (standardisation, 10 % validation, hyper-parameter grid, refit, per-pixel
+    votes); 'quick': one k-NN with weighted per-patch votes. 'auto': capi for ADE20K and VOC, else quick."""
+    ignore_labels: list[int] | None = None
+    """Labels no metric counts (default: the dataset's: 0 and 255 for ADE20K, 255 for VOC and pairs, none for the
+    generated scenes)."""
     n_train: int = 300
-    """Generated train scenes."""
+    """Generated train scenes (tuxpaint and cut-out folders)."""
     n_test: int = 150
-    """Generated test scenes."""
+    """Generated test scenes (tuxpaint and cut-out folders)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive(self, "k", "temperature", "n_train", "n_test")
+        require_positive(self, "n_train", "n_test")
+
+
+@dataclass
+class SegKNNConfig(_Segmentation):
+    """k-NN segmentation of patches."""
+
+    k: int = 10
+    """Neighbours per patch (quick protocol; the capi protocol picks k from its grid)."""
+    temperature: float = 0.07
+    """Softmax temperature of the neighbours' votes (quick protocol)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive(self, "k", "temperature")
+
+
+@dataclass
+class SegLinearConfig(_Segmentation):
+    """Linear segmentation: logistic regression on standardised patch features (the authors' protocol)."""
+
+    max_iter: int = 1000
+    """L-BFGS iterations per fit (the authors': 1000)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive(self, "max_iter")
+        if self.protocol == "quick":
+            raise ConfigError("seg-linear follows the authors' protocol only; drop --protocol quick (or use seg-knn)")
 
 
 TASKS: dict[str, type[EvalConfig]] = {
@@ -139,6 +183,7 @@ TASKS: dict[str, type[EvalConfig]] = {
     "attentive": AttentiveConfig,
     "classification": ClassificationConfig,
     "seg-knn": SegKNNConfig,
+    "seg-linear": SegLinearConfig,
 }
 """The evaluation tasks (``python -m capi_lab.evaluation TASK``) and their settings."""
 
@@ -155,13 +200,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, EvalConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     from capi_lab.evaluation import attentive_accuracy, knn_accuracy, linear_accuracy
-    from capi_lab.features import extract_features
+    from capi_lab.features import default_device, extract_features, resolve_workers
     from capi_lab.pretrained import CheckpointError
 
     task, args = parse_args(argv)
     t0 = time.perf_counter()
-    if task == "seg-knn":
-        return _seg_knn(args, t0)
+    if task in ("seg-knn", "seg-linear"):
+        return _segmentation(task, args, t0)
     try:
         splits = load_labeled(args.dataset, args.seed, args.limit_train, args.limit_test)
         model = None if args.checkpoint == "raw-pixels" else load_model(args.checkpoint, args.seed)
@@ -177,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             size = args.image_size or model.image_size or 16 * model.patch_size
             pool = task == "classification" or (task in ("knn", "linear") and args.features == "mean-patch")
+            device = torch.device(args.device) if args.device else default_device()
+            workers = resolve_workers(args.num_workers, device)
             feats = [
                 extract_features(model, s, size, args.batch_size, keep_patches=pool or attentive, pool_patches=pool,
-                                 device=args.device, desc=f"features ({name})")
+                                 device=device, desc=f"features ({name})", num_workers=workers, dtype=args.dtype)
                 for name, s in _named(splits)
             ]  # fmt: skip
             i_tr, i_te = (f.index for f in feats)
@@ -232,25 +279,52 @@ def _named(splits):
 _FEATURES = {"attentive": "patch-tokens", "classification": "global+mean-patch"}
 
 
-def _seg_knn(args: SegKNNConfig, t0: float) -> int:
-    from capi_lab.evaluation.segmentation import tuxpaint_sets
+def _segmentation(task: str, args: _Segmentation, t0: float) -> int:
+    from capi_lab.evaluation import segmentation as seg
+    from capi_lab.evaluation.segsets import open_segmentation
+    from capi_lab.features import default_device, resolve_workers
     from capi_lab.pretrained import CheckpointError
 
-    if args.checkpoint == "raw-pixels":
-        raise SystemExit("error: seg-knn needs patch features; give a model --checkpoint")
     try:
-        model = load_model(args.checkpoint, args.seed)
-        size = args.image_size or model.image_size or 16 * model.patch_size
-        root = None if args.dataset == "tuxpaint" else Path(args.dataset)
-        train, test = tuxpaint_sets(size, args.n_train, args.n_test, args.seed, root)
+        data = open_segmentation(args.dataset, args.layout, args.seed)
+        layout = data.layout if data else "tuxpaint"
+        protocol = args.protocol if args.protocol != "auto" else "capi" if layout in ("ade20k", "voc") else "quick"
+        if task == "seg-linear":
+            protocol = "capi"
+        if args.checkpoint.startswith("raw-pixels"):
+            patch = args.checkpoint.partition(":")[2]
+            model = seg.RawPixelPatches(int(patch) if patch.isdigit() else 8)
+        else:
+            model = load_model(args.checkpoint, args.seed)
+        p = model.patch_size
+        size = args.image_size or (224 if protocol == "capi" else model.image_size or 16 * p)
+        if size % p:
+            raise ConfigError(f"--image-size {size} is not a multiple of the patch size {p}; use e.g. {size // p * p}")
+        if data is None:
+            root = None if args.dataset == "tuxpaint" else Path(args.dataset)
+            train, test = seg.tuxpaint_sets(size, args.n_train, args.n_test, args.seed, root)
+            val, ignore, classes = None, (), ["background", *train.classes]
+        else:
+            train, test, val, ignore, classes = data.train, data.test, data.val, data.ignore_labels, data.classes
+        if args.ignore_labels is not None:
+            ignore = tuple(args.ignore_labels)
+        device = torch.device(args.device) if args.device else default_device()
+        kw = dict(batch_size=args.batch_size, device=device, dtype=args.dtype,
+                  num_workers=resolve_workers(args.num_workers, device))  # fmt: skip
+        if protocol == "capi":
+            classifier = "knn" if task == "seg-knn" else "linear"
+            out = seg.evaluate_capi(model, train, test, size, val, (classifier,), ignore, args.seed,
+                                    logreg_max_iter=getattr(args, "max_iter", 1000), **kw)  # fmt: skip
+            metric = {**{k: v for k, v in out.items() if k != classifier}, **out[classifier]}
+        else:
+            metric = seg.evaluate_quick(model, train, test, size, args.k, args.temperature, ignore,
+                                        background=data is None, **kw)  # fmt: skip
     except (DataError, CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
-    from capi_lab.evaluation.segmentation import seg_knn_miou
-
-    metric = seg_knn_miou(model, train, test, k=args.k, temperature=args.temperature, device=args.device)
     row = {
-        "task": "seg-knn", "checkpoint": args.checkpoint, "dataset": args.dataset, "image_size": size, **metric,
-        "classes": train.classes, "n_train": len(train), "n_test": len(test),
+        "task": task, "checkpoint": args.checkpoint, "dataset": args.dataset, "layout": layout, "image_size": size,
+        **metric, "num_classes": len(classes) if classes else None, "classes": classes,
+        "notes": data.notes if data else [],
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     print(json.dumps(row))
