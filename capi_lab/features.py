@@ -34,7 +34,6 @@ from capi_lab.command_line import (
 )
 from capi_lab.config import ConfigError
 from capi_lab.data import DataError, ImageSource, eval_transform, resolve_source
-from capi_lab.model.capi import CAPIModel
 
 log = logging.getLogger("capi_lab.features")
 
@@ -121,7 +120,7 @@ def loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int)
 
 @torch.no_grad()
 def extract_features(
-    model: CAPIModel,
+    model: torch.nn.Module,
     source: ImageSource,
     image_size: int = 224,
     batch_size: int = 64,

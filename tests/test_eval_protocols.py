@@ -386,3 +386,119 @@ def test_segpairs_subset_keeps_the_pairing(pairs):
     sub = data.train.subset([3, 1])
     assert isinstance(sub, SegPairs) and sub.images == [data.train.images[3], data.train.images[1]]
     assert sub.masks == [data.train.masks[3], data.train.masks[1]]
+
+
+# ----------------------------------------------------------------------------- the authors' attentive probe
+
+
+class _ColourPatches(torch.nn.Module):
+    """A 'model' with CAPIModel's outputs: patch features are a fixed random map of each 8x8 patch's mean colour
+    (``informative``), or the same map of a constant (every image looks alike)."""
+
+    patch_size = 8
+
+    def __init__(self, informative: bool):
+        super().__init__()
+        self.informative = informative
+        self.register_buffer("proj", torch.randn(3, 64, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        colour = torch.nn.functional.avg_pool2d(x, 8).permute(0, 2, 3, 1)
+        if not self.informative:
+            colour = torch.ones_like(colour)
+        fm = colour @ self.proj
+        return fm.mean((1, 2)), fm[:, :0, 0], fm
+
+
+@pytest.fixture(scope="module")
+def colours3(tmp_path_factory):
+    """Three classes of noisy flat-colour images, 12 each."""
+    root = tmp_path_factory.mktemp("colours3")
+    rng = np.random.default_rng(0)
+    for c, rgb in COLOURS.items():
+        (root / f"c{c}").mkdir()
+        for i in range(12):
+            a = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+_SMALL = dict(image_size=32, global_batch=16, batch_size=8, iters=12, warmup=2, lrs=(1e-3, 1e-2), wds=(5e-4,),
+              device="cpu", progress=False)  # fmt: skip
+
+
+def test_attentive_capi_and_quick_probes_rank_models_alike(colours3):
+    from capi_lab.evaluation.attentive import attentive_accuracy, probe_capi
+    from capi_lab.evaluation.datasets import load_labeled
+    from capi_lab.features import extract_features
+
+    s = load_labeled(str(colours3))
+    capi, quick = {}, {}
+    for informative in (True, False):
+        model = _ColourPatches(informative)
+        out = probe_capi(model, s.train, s.train_labels, s.test, s.test_labels, **{**_SMALL, "iters": 40})
+        capi[informative] = out["patch"]["test_top1"]
+        f_tr, f_te = (extract_features(model, src, 32, device="cpu", progress=False) for src in (s.train, s.test))
+        quick[informative] = attentive_accuracy(f_tr.feature_map.flatten(1, 2), s.train_labels,
+                                                f_te.feature_map.flatten(1, 2), s.test_labels, epochs=5,
+                                                progress=False)  # fmt: skip
+        assert set(out) >= {"cls", "avg_patch", "cls_avg_patch", "patch"} and out["n_val"] == 3
+    assert capi[True] > capi[False] and quick[True] > quick[False], (capi, quick)
+    assert capi[True] >= 0.9 and capi[False] <= 0.5
+
+
+def test_attentive_capi_probe_resumes_exactly(colours3, tmp_path, monkeypatch):
+    from capi_lab.evaluation import attentive
+    from capi_lab.evaluation.datasets import load_labeled
+
+    s = load_labeled(str(colours3))
+    model = _ColourPatches(True)
+    args = (model, s.train, s.train_labels, s.test, s.test_labels)
+    whole = attentive.probe_capi(*args, **_SMALL, output_dir=tmp_path / "a", checkpoint_every=5)
+    saved = attentive._save_probe
+    calls = []
+
+    def save_then_die(path, state):  # killed right after its first checkpoint (iteration 5)
+        saved(path, state)
+        calls.append(state["iteration"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attentive, "_save_probe", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        attentive.probe_capi(*args, **_SMALL, output_dir=tmp_path / "b", checkpoint_every=5)
+    monkeypatch.setattr(attentive, "_save_probe", saved)
+    assert calls == [5]
+    resumed = attentive.probe_capi(*args, **_SMALL, output_dir=tmp_path / "b", checkpoint_every=5)
+    a = torch.load(tmp_path / "a" / "probe_last.pt", weights_only=True)["heads"]
+    b = torch.load(tmp_path / "b" / "probe_last.pt", weights_only=True)["heads"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed == whole
+    with pytest.raises(ValueError, match="a probe with other settings"):
+        attentive.probe_capi(*args, **{**_SMALL, "iters": 20}, output_dir=tmp_path / "b")
+
+
+def test_attention_pooling_head_and_schedule_follow_the_authors():
+    from capi_lab.evaluation.attentive import AttnPoolHead, warmup_cosine
+
+    head = AttnPoolHead(128, 5)
+    assert head.num_heads == 2 and head.kv.out_features == 256 and not list(head.children())[2:]
+    assert head(torch.randn(3, 7, 128)).shape == (3, 5)
+    # one token: attention is the identity on values, so the output is linear(value projection)
+    tok = torch.randn(1, 1, 128)
+    v = head.kv(tok)[..., 128:]
+    assert torch.allclose(head(tok), head.linear(v[:, 0]), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        AttnPoolHead(96, 3)
+    s = warmup_cosine(10, 3)
+    assert len(s) == 10 and s[0] == 0 and s[2] == 1 and s[3] == 1 and s[-1] == pytest.approx(0)
+
+
+def test_attentive_capi_from_the_command_line(colours3, tiny_checkpoint, capsys, tmp_path):
+    args = ["attentive", "--checkpoint", str(tiny_checkpoint), "--dataset", str(colours3), "--protocol", "capi",
+            "--image-size", "32", "--global-batch", "16", "--batch-size", "8", "--iters", "4", "--warmup-iters", "1",
+            "--lrs", "[1e-3]", "--wds", "[5e-4]", "--output-dir", str(tmp_path / "probe")]  # fmt: skip
+    assert capi_eval.main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["protocol"] == "capi" and row["top1"] == row["patch"]["test_top1"] and row["global_batch"] == 16
+    assert (tmp_path / "probe" / "probe_last.pt").is_file()
+    with pytest.raises(SystemExit, match="--global-batch 10 must be a multiple of --batch-size 8"):
+        capi_eval.main([*args[:-2], "--global-batch", "10"])
