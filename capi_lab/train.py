@@ -50,6 +50,7 @@ from capi_lab.command_line import (
 )
 from capi_lab.config import CAPIConfig, ConfigError, get_preset
 from capi_lab.data import DataError, check_decodable, resolve_source
+from capi_lab.evaluation.during import EvalDuringConfig
 from capi_lab.launch import check_devices, is_fsdp, make_fabric
 from capi_lab.loader import DeviceBatches, make_loader
 from capi_lab.losses import student_step, teacher_step
@@ -113,6 +114,8 @@ class RunConfig:
     resume_with_changes: bool = False
     """Resume a run folder's checkpoint even though this command's seed, data or method settings differ from the
     checkpoint's (they are listed, and recorded in DIR/resumes.jsonl); the weights must still fit the model."""
+    eval: EvalDuringConfig = field(default_factory=EvalDuringConfig)
+    """Evaluations of the teacher during training (--eval.every N with --eval.data and/or --eval.seg)."""
     capi: CAPIConfig = field(default_factory=CAPIConfig)
     """The method: model, mask, optim, image_size, batch_size (filled from the preset)."""
 
@@ -127,6 +130,11 @@ class RunConfig:
                 f"--devices must be a number >= 1, 'auto', -1 (all) or a list of GPU indices like 0,1; "
                 f"got {self.devices!r}"
             )
+        if isinstance(self.eval, dict):  # from a checkpoint's or a YAML file's settings
+            self.eval = EvalDuringConfig(**self.eval)
+        self.eval = self.eval.resolved(self.data)
+        if self.eval.every and self.strategy == "fsdp":
+            raise ConfigError("--eval.every does not work with --strategy fsdp yet (the teacher is sharded)")
         if self.cuda_graphs and not self.compile:
             raise ConfigError("--cuda-graphs replays the compiled steps: add --compile")
         if self.cuda_graphs and self.strategy == "fsdp":
@@ -149,6 +157,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "capi"}
+        run["eval"] = dataclasses.asdict(self.eval)
         return {**run, **self.capi.to_dict()}
 
 
@@ -406,6 +415,11 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
         return tr
     loader = DeviceBatches(iter(make_loader(run, fabric, source, tr.step)), fabric)
     window = MetricsWindow()
+    evaluate = None
+    if run.eval.every and fabric.global_rank == 0:
+        from capi_lab.evaluation.during import DuringTraining
+
+        evaluate = DuringTraining(run.eval, run.capi.image_size, run.capi.model.patch_size, run.seed)
     bar = tqdm(total=run.max_steps, initial=tr.step, disable=fabric.global_rank != 0, desc="train", dynamic_ncols=True)
     skipped = 0
     nan_steps: list[int] = []
@@ -437,6 +451,14 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{m['capi_loss']:.3f}", img_s=f"{m['images_per_s']:.0f}", refresh=False)
+        if run.eval.every and (tr.step % run.eval.every == 0 or tr.step == run.max_steps):
+            if evaluate is not None:
+                scores = evaluate(tr.teacher, fabric.device)
+                fabric.log_dict(scores, step=tr.step)
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps({"step": tr.step, **scores}) + "\n")
+                bar.write(f"step {tr.step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in scores.items()))
+            fabric.barrier()
         if tr.step % run.checkpoint_interval == 0 or tr.step == run.max_steps:
             _check_nan(pending, nan_steps, ckpt_dir)
             if not nan_steps:

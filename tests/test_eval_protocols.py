@@ -502,3 +502,58 @@ def test_attentive_capi_from_the_command_line(colours3, tiny_checkpoint, capsys,
     assert (tmp_path / "probe" / "probe_last.pt").is_file()
     with pytest.raises(SystemExit, match="--global-batch 10 must be a multiple of --batch-size 8"):
         capi_eval.main([*args[:-2], "--global-batch", "10"])
+
+
+# ----------------------------------------------------------------------------- evaluation during pretraining
+
+
+def test_eval_during_training_writes_eval_lines_and_survives_a_resume(colours3, tmp_path, monkeypatch):
+    from capi_lab import train
+
+    args = ["--preset", "tiny", "--num-workers", "0", "--batch-size", "8", "--model.num-prototypes", "16",
+            "--data", str(colours3), "--output-dir", str(tmp_path / "run"), "--max-steps", "6", "--log-every", "3",
+            "--checkpoint-every", "3", "--eval.every", "3", "--eval.data", str(colours3), "--eval.limit-test", "9",
+            "--image-size", "32"]  # fmt: skip
+    real = train.train_step
+
+    def interrupted(tr, *a, **kw):
+        if tr.step == 4:
+            raise KeyboardInterrupt
+        return real(tr, *a, **kw)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(train, "train_step", real)
+    assert train.main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/knn_top1" in r]
+    assert [r["step"] for r in evals] == [3, 6]  # one per evaluation step, none twice after the resume
+    assert all(0 <= r["eval/knn_top1"] <= 1 and r["eval/seconds"] > 0 for r in evals)
+    # flat colours: even a barely trained teacher's k-NN is far above chance (1/3)
+    assert evals[-1]["eval/knn_top1"] > 0.6
+    assert [r["step"] for r in rows if "capi_loss" in r] == [3, 6]
+
+
+def test_eval_during_training_needs_labels_and_no_fsdp(images):
+    from capi_lab.train import resolve_config
+
+    with pytest.raises(SystemExit, match="--eval.every 5 needs a labelled set"):
+        resolve_config(["--data", str(images), "--eval.every", "5"])
+    assert resolve_config(["--data", "fashion-mnist", "--eval.every", "5"]).eval.data == "fashion-mnist"
+    with pytest.raises(SystemExit, match="--eval.limit-test must be >= 1"):
+        resolve_config(["--data", "fashion-mnist", "--eval.limit-test", "0"])
+    with pytest.raises(SystemExit, match="does not work with --strategy fsdp"):
+        resolve_config(["--data", "fashion-mnist", "--eval.every", "5", "--strategy", "fsdp", "--devices", "2"])
+
+
+def test_eval_during_training_scores_segmentation_too(pairs):
+    import capi_lab
+    from capi_lab.evaluation.during import DuringTraining, EvalDuringConfig
+
+    torch.manual_seed(0)
+    model = capi_lab.create_model("tiny")
+    ev = DuringTraining(EvalDuringConfig(every=1, seg=str(pairs)), 32, model.patch_size)
+    out = ev(model, torch.device("cpu"))
+    assert set(out) == {"eval/seg_miou", "eval/seconds"} and 0 < out["eval/seg_miou"] <= 1
+    assert model.training  # left as it was found

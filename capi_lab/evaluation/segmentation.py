@@ -183,7 +183,7 @@ class PatchSet:
 @torch.no_grad()
 def patch_set(
     model, datasets: list, size: int, batch_size: int = 32, device: str | torch.device | None = None,
-    dtype: str = "fp32", num_workers: int = 0, desc: str = "features",
+    dtype: str = "fp32", num_workers: int = 0, desc: str = "features", progress: bool = True,
 ) -> PatchSet:  # fmt: skip
     """Patch features and pixel labels of every image of ``datasets``, one after the other in one preallocated
     pair of tensors (no concatenation: the k-NN bank of train + validation images is the whole tensor)."""
@@ -202,7 +202,7 @@ def patch_set(
         batches = torch.utils.data.DataLoader(
             _SegItems(ds, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_pairs
         )
-        for x, y in tqdm(batches, desc=desc, unit="batch"):
+        for x, y in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             with autocast(device, dtype):
                 fm = model(x.to(device))[2]
             fm = fm.float().flatten(0, 2).cpu()
@@ -419,7 +419,7 @@ def _upscale(patch_pred: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def evaluate_quick(
     model, train, test, size: int, k: int = 10, temperature: float = 0.07, ignore: tuple[int, ...] = (255,),
     batch_size: int = 32, device: str | torch.device | None = None, dtype: str = "fp32", num_workers: int = 0,
-    background: bool = False,
+    background: bool = False, progress: bool = True,
 ) -> dict:  # fmt: skip
     """capi_lab's quick protocol: no standardisation and no validation; each train patch gets its majority label
     (patches whose majority is ignored dropped), each test patch the temperature-weighted cosine vote of its ``k``
@@ -429,7 +429,7 @@ def evaluate_quick(
     from capi_lab.features import default_device
 
     device = torch.device(device) if device is not None else default_device()
-    kw = dict(batch_size=batch_size, device=device, dtype=dtype, num_workers=num_workers)
+    kw = dict(batch_size=batch_size, device=device, dtype=dtype, num_workers=num_workers, progress=progress)
     bank = patch_set(model, [train], size, desc="features (train)", **kw)
     queries = patch_set(model, [test], size, desc="features (test)", **kw)
     keep = _keep_labelled(bank.labels, ignore)
