@@ -557,3 +557,41 @@ def test_eval_during_training_scores_segmentation_too(pairs):
     out = ev(model, torch.device("cpu"))
     assert set(out) == {"eval/seg_miou", "eval/seconds"} and 0 < out["eval/seg_miou"] <= 1
     assert model.training  # left as it was found
+
+
+# ----------------------------------------------------------------------------- the authors' visualisations
+
+
+def test_authors_pca_rules_signs_and_scale():
+    from capi_lab.visualize import authors_pca, skew_positive
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
+    x[:, 0] += rng.exponential(3.0, 300)  # a skewed direction
+    p = authors_pca(x, 6)
+    assert p.shape == (300, 6) and p[:, 0].std() == pytest.approx(1.0)
+    skew = np.mean(p**3, 0) / np.mean(p**2, 0) ** 1.5
+    assert (skew >= 0).all()
+    # whitened: every component has the first one's spread
+    assert np.allclose(p.std(0), 1.0, atol=1e-6)
+    assert np.array_equal(skew_positive(-p), p)  # the sign rule undoes a flip
+    assert authors_pca(-x, 6) == pytest.approx(p, abs=1e-6)  # and so does not depend on the input's sign
+
+
+def test_visualize_cli_writes_the_pictures(colours3, tiny_checkpoint, tmp_path, capsys):
+    from capi_lab import visualize
+
+    out = tmp_path / "viz"
+    args = ["--checkpoint", str(tiny_checkpoint), "--images", str(colours3), "--out", str(out), "--num-images", "3",
+            "--resolution", "32", "--size", "64", "--dict-learning"]  # fmt: skip
+    assert visualize.main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row == {"out": str(out), "images": 3, "files": 12}
+    index = json.loads((out / "index.json").read_text())
+    assert [len(r["files"]) for r in index] == [4, 4, 4]
+    sep = Image.open(out / "00000_pca_sep.png")
+    assert sep.size == (8 * 64 + 7 * 10, 64)  # image, RGB, 6 heatmaps
+    assert Image.open(out / "00000_pca_joint.png").size == (12 * 64 + 11 * 10, 64)  # image, RGB, 10 heatmaps
+    assert Image.open(out / "00002_dict_joint.png").size == (4 * 64 + 3 * 10, 64)
+    with pytest.raises(SystemExit, match="--resolution 30 is not a multiple of the patch size 4; use e.g. 32"):
+        visualize.main([*args[:8], "--resolution", "30"])
