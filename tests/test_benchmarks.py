@@ -140,3 +140,15 @@ def test_gpu_run_script_dry_run_on_the_cpu(tmp_path):
     wrong = subprocess.run(["bash", "benchmarks/gpu_run.sh", "b16x"], cwd=root, env=env, capture_output=True,
                            text=True, timeout=120)  # fmt: skip
     assert wrong.returncode == 2 and "unknown step: b16x" in wrong.stdout
+
+
+def test_eval_scale_benchmark_prints_its_extrapolations():
+    r = _run_on_cpu("benchmarks/eval_scale.py", "--bank", "2000", "--queries", "100", "--repeats", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    first = json.loads(lines[0])
+    assert first["what"] == "knn classification" and first["seconds"] > 0
+    tail = json.loads("\n".join(lines[3:]))
+    # the sizes follow from the datasets, not from this machine
+    assert tail["in1k_knn"]["memory_gb"]["bank_fp32"] == 5.2
+    assert tail["ade20k_seg_knn"]["memory_gb"]["train_val_features_fp32"] == 21.2
