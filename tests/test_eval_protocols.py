@@ -282,6 +282,11 @@ def test_knn_segment_chunks_give_the_same_neighbours():
             else -torch.nn.functional.normalize(queries, dim=1) @ (torch.nn.functional.normalize(bank, dim=1).T)
         )
         assert torch.equal(whole[1], labels[d.argmin(1)])
+        # rows left out by `keep` are never neighbours; the result is that of the smaller bank
+        keep = torch.arange(500) % 3 != 0
+        kept = seg.knn_segment(bank, labels, queries, (1, 10), dist, bank_chunk=64, keep=keep)
+        small = seg.knn_segment(bank[keep], labels[keep], queries, (1, 10), dist)
+        assert all(torch.equal(kept[k], small[k]) for k in kept)
 
 
 # ----------------------------------------------------------------------------- the command line, end to end

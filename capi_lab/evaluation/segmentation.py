@@ -247,15 +247,17 @@ class Standardizer:
 def knn_segment(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks: tuple[int, ...], distance: str,
     device: str | torch.device = "cpu", query_chunk: int = 1024, bank_chunk: int = 1 << 16,
+    keep: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:  # fmt: skip
     """The authors' k-NN segmentation: each query patch's ``max(ks)`` nearest bank patches (``cosine``: 1 - cosine
     similarity; ``L2``: Euclidean), then for each ``k`` and each pixel the most frequent label among the first
     ``k`` neighbours' labels of that pixel (``bank_labels [n, p * p]``). Chunked top-k over queries and bank, on
-    ``device``; ``{k: [m, p * p]}`` on the CPU."""
+    ``device``; ``{k: [m, p * p]}`` on the CPU. ``keep`` (a boolean per bank row) leaves rows out without copying
+    the bank (at ADE20K scale a copy is 20 GB)."""
     if distance not in ("cosine", "L2"):
         raise ValueError(f"distance must be 'cosine' or 'L2', got {distance!r}")
     device = torch.device(device)
-    kmax = min(max(ks), len(bank))
+    kmax = min(max(ks), len(bank) if keep is None else int(keep.sum()))
     out = {k: torch.empty((len(queries), bank_labels.shape[1]), dtype=bank_labels.dtype) for k in ks}
     for q0 in range(0, len(queries), query_chunk):
         q = queries[q0 : q0 + query_chunk].to(device)
@@ -264,9 +266,15 @@ def knn_segment(
         best_d = best_i = None
         for b0 in range(0, len(bank), bank_chunk):
             b = bank[b0 : b0 + bank_chunk].to(device)
+            rows = None
+            if keep is not None:
+                rows = keep[b0 : b0 + bank_chunk].to(device).nonzero().squeeze(1)
+                if len(rows) == 0:
+                    continue
+                b = b[rows]
             d = 1 - q @ torch.nn.functional.normalize(b, dim=1).T if distance == "cosine" else torch.cdist(q, b)
             dk, ik = d.topk(min(kmax, d.shape[1]), dim=1, largest=False)
-            ik = ik + b0
+            ik = (ik if rows is None else rows[ik]) + b0
             if best_d is not None:
                 dk, ik = torch.cat([best_d, dk], 1), torch.cat([best_i, ik], 1)
                 dk, pos = dk.topk(kmax, dim=1, largest=False)
@@ -387,12 +395,12 @@ def evaluate_capi(
         scores: dict[str, float] = {}
         if name == "knn":
             for dist in KNN_GRID["distance"]:
-                preds = knn_segment(x_tr[keep_tr], y_tr[keep_tr], x_va, KNN_GRID["k"], dist, device)
+                preds = knn_segment(x_tr, y_tr, x_va, KNN_GRID["k"], dist, device, keep=keep_tr)
                 for k, p in preds.items():
                     scores[f"k={k},distance={dist}"] = mean_iou(p, y_va, ignore=ignore)[0]
             best = max(scores, key=scores.get)
             k, dist = int(best.split(",")[0][2:]), best.split("=")[-1]
-            pred = knn_segment(bank.features[keep_all], bank.labels[keep_all], queries.features, (k,), dist, device)[k]
+            pred = knn_segment(bank.features, bank.labels, queries.features, (k,), dist, device, keep=keep_all)[k]
             best_params = {"k": k, "distance": dist}
         elif name == "linear":
             pl_tr = majority(y_tr[keep_tr])
