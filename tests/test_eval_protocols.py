@@ -534,7 +534,7 @@ def test_eval_during_training_writes_eval_lines_and_survives_a_resume(colours3, 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/knn_top1" in r]
     assert [r["step"] for r in evals] == [3, 6]  # one per evaluation step, none twice after the resume
-    assert all(0 <= r["eval/knn_top1"] <= 1 and r["eval/seconds"] > 0 for r in evals)
+    assert all(r["eval/seconds"] > 0 for r in evals)
     # flat colours: even a barely trained teacher's k-NN is far above chance (1/3)
     assert evals[-1]["eval/knn_top1"] > 0.6
     assert [r["step"] for r in rows if "capi_loss" in r] == [3, 6]
@@ -560,7 +560,8 @@ def test_eval_during_training_scores_segmentation_too(pairs):
     model = capi_lab.create_model("tiny")
     ev = DuringTraining(EvalDuringConfig(every=1, seg=str(pairs)), 32, model.patch_size)
     out = ev(model, torch.device("cpu"))
-    assert set(out) == {"eval/seg_miou", "eval/seconds"} and 0 < out["eval/seg_miou"] <= 1
+    assert set(out) == {"eval/seg_miou", "eval/seconds"}
+    assert out["eval/seg_miou"] > 0.9  # flat-colour cells: even random patch features separate them
     assert model.training  # left as it was found
 
 
