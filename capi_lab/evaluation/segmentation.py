@@ -258,6 +258,9 @@ def knn_segment(
         raise ValueError(f"distance must be 'cosine' or 'L2', got {distance!r}")
     device = torch.device(device)
     kmax = min(max(ks), len(bank) if keep is None else int(keep.sum()))
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > 2 * bank.numel() * bank.element_size():
+        bank = bank.to(device)  # once, rather than every bank chunk for every query chunk
+        keep = keep.to(device) if keep is not None else None
     out = {k: torch.empty((len(queries), bank_labels.shape[1]), dtype=bank_labels.dtype) for k in ks}
     for q0 in range(0, len(queries), query_chunk):
         q = queries[q0 : q0 + query_chunk].to(device)
