@@ -601,3 +601,25 @@ def test_visualize_cli_writes_the_pictures(colours3, tiny_checkpoint, tmp_path, 
     assert Image.open(out / "00002_dict_joint.png").size == (4 * 64 + 3 * 10, 64)
     with pytest.raises(SystemExit, match="--resolution 30 is not a multiple of the patch size 4; use e.g. 32"):
         visualize.main([*args[:8], "--resolution", "30"])
+
+
+def test_voc_seg_knn_and_imagefolder_attentive_end_to_end(voc, colours3, tiny_checkpoint, tmp_path, capsys):
+    """The README's VOC and ImageNet-style commands, end to end on fake trees in the real layouts."""
+    assert capi_eval.main(["seg-knn", "--checkpoint", str(tiny_checkpoint), "--dataset", str(voc.parent.parent),
+                           "--image-size", "32"]) == 0  # fmt: skip
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["layout"] == "voc" and row["protocol"] == "capi" and row["ignore_labels"] == [255]  # auto: capi
+    assert row["n_train_images"] + row["n_val_images"] == 16 and row["n_test_images"] == 6
+    # an ImageFolder with train/ and val/ (ImageNet's layout)
+    root = tmp_path / "imagenet"
+    for split, names in (("train", range(0, 9)), ("val", range(9, 12))):
+        for cls in sorted(p.name for p in colours3.iterdir()):
+            (root / split / cls).mkdir(parents=True)
+            for i in names:
+                (root / split / cls / f"{i}.png").write_bytes((colours3 / cls / f"{i}.png").read_bytes())
+    args = ["attentive", "--checkpoint", str(tiny_checkpoint), "--dataset", str(root), "--protocol", "capi",
+            "--image-size", "32", "--global-batch", "16", "--batch-size", "16", "--iters", "3", "--warmup-iters", "1",
+            "--lrs", "[1e-3]", "--wds", "[5e-4]"]  # fmt: skip
+    assert capi_eval.main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["n_test"] == 9 and row["n_train"] + row["n_val"] == 27 and row["n_val"] == 3
