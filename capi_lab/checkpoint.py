@@ -62,6 +62,7 @@ def checkpoint_state(tr: Trainer, run: RunConfig) -> dict[str, Any]:
         ),
         "step": tr.step,
         "stream_position": tr.step * run.capi.batch_size * tr.fabric.world_size,
+        "data_readers": tr.data_readers,
         "rng": rng,
     }
 

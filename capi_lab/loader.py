@@ -33,15 +33,18 @@ def default_workers(device_type: str, cores: int, local_rank: int = 0, gpus: int
 
 
 def make_loader(run: RunConfig, fabric: Fabric, source: Any, start_step: int) -> torch.utils.data.DataLoader:
+    """The run's loader from ``start_step``: over a folder-like source the positions of :class:`StreamSampler`,
+    over tar shards a :class:`~capi_lab.data.shards.ShardStream` per rank (``loader.readers`` is then the number
+    of shard readers, ranks x workers, which the shard order depends on; None for folders)."""
+    from capi_lab.data.shards import ShardSource, ShardStream
+
     cfg = run.capi
     grid = (cfg.image_size // cfg.model.patch_size,) * 2
     workers = run.num_workers
     if workers < 0:
         workers = default_workers(fabric.device.type, os.cpu_count() or 1, fabric.local_rank, torch.cuda.device_count())
-    return torch.utils.data.DataLoader(
-        PretrainStream(source, cfg.image_size, run.seed, cfg.crop_scale, run.full_decode),
+    common = dict(
         batch_size=cfg.batch_size,
-        sampler=StreamSampler(cfg.batch_size, fabric.global_rank, fabric.world_size, start_step),
         collate_fn=MaskCollator(grid, cfg.mask, run.seed),
         num_workers=workers,
         pin_memory=fabric.device.type == "cuda",
@@ -50,6 +53,20 @@ def make_loader(run: RunConfig, fabric: Fabric, source: Any, start_step: int) ->
         # memory: 16 workers x 4 would hold 10 GB)
         prefetch_factor=(4 if workers <= 4 else 2) if workers > 0 else None,
     )
+    if isinstance(source, ShardSource):
+        stream = ShardStream(source, cfg.image_size, cfg.batch_size, fabric.global_rank, fabric.world_size,
+                             start_step, run.seed, cfg.crop_scale, run.full_decode)  # fmt: skip
+        stream.check_split(workers)
+        loader = torch.utils.data.DataLoader(stream, **common)
+        loader.readers = fabric.world_size * max(workers, 1)
+        return loader
+    loader = torch.utils.data.DataLoader(
+        PretrainStream(source, cfg.image_size, run.seed, cfg.crop_scale, run.full_decode),
+        sampler=StreamSampler(cfg.batch_size, fabric.global_rank, fabric.world_size, start_step),
+        **common,
+    )
+    loader.readers = None
+    return loader
 
 
 class DeviceBatches:

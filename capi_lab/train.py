@@ -72,7 +72,8 @@ class RunConfig:
     preset: str = "tiny"
     """Named preset the CAPI config starts from (tiny, default, vit_s16, vit_b16, vit_l14)."""
     data: str = "demo-photos"
-    """Image folder (recursive), text file of image paths, 'fashion-mnist' or 'demo-photos'."""
+    """Image folder (recursive), text file of image paths, WebDataset tar shards ('shards/s-{000000..000041}.tar',
+    or a folder with shards.json), 'fashion-mnist', 'demo-photos' or 'composite'."""
     output_dir: str = "runs/capi"
     """Run folder: config.yaml, metrics.jsonl, logs, checkpoints/, teacher export."""
     max_steps: int = 1000
@@ -252,6 +253,8 @@ class Trainer:
     cuda_graphs: bool = False
     """The compiled steps are replayed as CUDA graphs: each step starts a new graph generation, and outputs
     that outlive the step are copied out of the graphs' memory pool."""
+    data_readers: int | None = None
+    """Over tar shards, the ranks x loader workers that read them (the shard order depends on it)."""
 
     def __post_init__(self) -> None:
         self.ema_pairs = (_params(self.teacher), _params(self.student))
@@ -413,7 +416,15 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
     if tr.step >= run.max_steps:
         fabric.print(f"nothing to do: the checkpoint is at step {tr.step} >= --max-steps {run.max_steps}")
         return tr
-    loader = DeviceBatches(iter(make_loader(run, fabric, source, tr.step)), fabric)
+    data_loader = make_loader(run, fabric, source, tr.step)
+    tr.data_readers = data_loader.readers
+    if resume is not None and tr.data_readers != resume[1].get("data_readers", tr.data_readers):
+        log.warning(
+            "the checkpoint's run read its shards with %s readers (ranks x loader workers), this one with %s: the "
+            "shard order differs from here on (set --num-workers so that ranks x workers is %s to continue the "
+            "same stream)", resume[1]["data_readers"], tr.data_readers, resume[1]["data_readers"]
+        )  # fmt: skip
+    loader = DeviceBatches(iter(data_loader), fabric)
     window = MetricsWindow()
     evaluate = None
     if run.eval.every and fabric.global_rank == 0:

@@ -9,6 +9,7 @@ resumed at step ``s`` sees exactly the data it would have seen, whatever the num
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import math
 import os
@@ -126,10 +127,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def read_image(
-    path: str | os.PathLike, min_side: int | None = None, max_side: int | None = None, info: dict | None = None
+    path: str | os.PathLike | io.IOBase,
+    min_side: int | None = None,
+    max_side: int | None = None,
+    info: dict | None = None,
 ) -> Image.Image:
-    """Decode an image file as upright 8-bit RGB: the one reader training, evaluation, features, the app and the
-    notebooks share. Turned upright by its EXIF orientation tag (as phone photos are shown); :func:`to_rgb`.
+    """Decode an image file (a path, or an open binary file such as a ``BytesIO``) as upright 8-bit RGB: the one
+    reader training, evaluation, features, the app and the notebooks share. Turned upright by its EXIF orientation
+    tag (as phone photos are shown); :func:`to_rgb`.
 
     ``min_side``: a JPEG of at least twice that on its shorter side is decoded by libjpeg at a reduced scale that
     keeps its shorter side at least ``min_side``. ``max_side``: a larger image is decoded at a reduced scale
@@ -382,12 +387,18 @@ def load_fashion_mnist(split: str = "train") -> ArrayImages:
         ) from None
 
 
-def resolve_source(spec: str | os.PathLike) -> ImageSource:
+def resolve_source(spec: str | os.PathLike) -> Any:
     """The images named by ``--data``: a folder (recursive), a text file listing image paths (relative
-    paths are taken from the file's folder), ``fashion-mnist[:train|:test]``, ``demo-photos``, or ``composite``
+    paths are taken from the file's folder), WebDataset tar shards (a pattern like ``shards/s-{000..015}.tar``, a
+    manifest, or a folder holding ``shards.json``: :mod:`capi_lab.data.shards`, a
+    :class:`~capi_lab.data.shards.ShardSource`), ``fashion-mnist[:train|:test]``, ``demo-photos``, or ``composite``
     (tuxpaint cut-outs pasted on the demo photos, :class:`CompositeImages`; ``composite:DIR`` takes the cut-outs
     from DIR's class sub-folders)."""
     s = str(spec)
+    from capi_lab.data import shards  # here: it imports this module
+
+    if shards.is_shard_spec(s):
+        return shards.open_shards(s)
     if s.startswith("fashion-mnist"):
         return load_fashion_mnist(s.partition(":")[2] or "train")
     if s == "composite" or s.startswith("composite:"):
@@ -454,13 +465,15 @@ def _read_list_file(path: Path, spec: str) -> list[Path]:
     return found
 
 
-def check_decodable(source: ImageSource, sample: int = 32) -> None:
+def check_decodable(source: Any, sample: int = 32) -> None:
     """Fail early when a source's images cannot be read: decode up to ``sample`` images spread over it (small,
     via ``min_side``); if none decodes, a :class:`DataError` names them. Training would otherwise build the model
     and then stop in the data loader."""
     n = len(source)
     if n == 0:
         raise DataError("the data source holds no images")
+    if hasattr(source, "check"):  # shards: their first images
+        return source.check()
     if not isinstance(source, FileImages):
         return  # arrays and generated scenes are decoded already
     picks = range(n) if n <= sample else sorted({round(i * (n - 1) / (sample - 1)) for i in range(sample)})
@@ -509,6 +522,18 @@ def _mix(*xs: int) -> int:
     return int(np.random.SeedSequence(list(xs)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def decode_side(image_size: int, crop_scale=(0.6, 1.0), full_decode: bool = False) -> int | None:
+    """The ``min_side`` training images are decoded at (see :class:`PretrainStream`); None with ``full_decode``."""
+    return None if full_decode else max(2 * image_size, math.ceil(image_size / (0.75 * crop_scale[0]) ** 0.5))
+
+
+def augment(transform: v2.Compose, image: Image.Image, seed: int, pos: int) -> torch.Tensor:
+    """``transform(image)`` with its randomness a function of ``(seed, pos)`` only (the global RNG is left as is)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_mix(seed, pos, 1))
+        return transform(image)
+
+
 class PretrainStream(Dataset):
     """Item ``pos`` of an infinite stream: epoch ``pos // N`` is a fresh permutation of the source.
 
@@ -527,9 +552,7 @@ class PretrainStream(Dataset):
     ):
         self.source, self.seed = source, seed
         self.transform = train_transform(image_size, tuple(crop_scale))
-        self.min_side = (
-            None if full_decode else max(2 * image_size, math.ceil(image_size / (0.75 * crop_scale[0]) ** 0.5))
-        )
+        self.min_side = decode_side(image_size, crop_scale, full_decode)
         self._perm: tuple[int, np.ndarray] | None = None
         self._bad: set[int] = set()
 
@@ -559,9 +582,7 @@ class PretrainStream(Dataset):
                 skipped += 1
                 log.warning("skipping %s: cannot decode it (%s)", self.source.describe(i), str(e).splitlines()[0][:120])
                 continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix(self.seed, pos, 1))
-                return self.transform(img), pos, skipped
+            return augment(self.transform, img, self.seed, pos), pos, skipped
         raise DataError(f"none of the {n} images of the data source could be decoded")
 
 
