@@ -10,6 +10,14 @@ loader alone, with the run's workers, over as many batches as the run will take.
 command and reads images/s from ``metrics.jsonl``: the median of the logged windows after the first, which
 holds compilation. Prints one JSON line. Any other argument goes to the training command (``--compile``,
 ``--num-workers 12``, ``--batch-size``, ...).
+
+``--shards`` first writes the same images as WebDataset tar shards (``python -m capi_lab.data.shards``, into
+``--workdir``) and reads those instead; ``--loader-only`` skips the training run. Shards against the folder, per
+worker count:
+
+    for w in 0 1 2; do for f in "" --shards; do
+      python benchmarks/loop_throughput.py --preset tiny --image-size 224 --accelerator cpu --loader-only \
+          --workdir /tmp/loop --num-workers $w $f; done; done
 """
 
 from __future__ import annotations
@@ -57,6 +65,10 @@ def main() -> None:
         help="keep the loader's cache of decoded images (256 MB a worker); off by default, since a few thousand "
         "synthetic images would all be cached after one epoch, unlike a real dataset",
     )
+    p.add_argument("--shards", action="store_true", help="read the images as tar shards (written once, in --workdir)")
+    p.add_argument("--shard-size", default="64MB", help="with --shards: the shards' size (default 64MB)")
+    p.add_argument("--loader-only", action="store_true", help="time the loader alone; no training run")
+    p.add_argument("--repeats", type=int, default=3, help="loader timings, the median is reported (default 3)")
     args, rest = p.parse_known_args()
     if not args.decode_cache:  # before any loader exists: forked workers inherit it
         FileImages.CACHE_BYTES = 0
@@ -66,6 +78,13 @@ def main() -> None:
         data = str(work / "jpegs")
         if not any(Path(data).glob("*.jpg")):
             write_jpegs(Path(data), args.images, args.image_px)
+    if args.shards:
+        from capi_lab.data.shards import MANIFEST, parse_size, write_shards
+
+        shards = work / f"shards_{Path(data).name}"
+        if not (shards / MANIFEST).exists():
+            write_shards(data, shards, parse_size(args.shard_size))
+        data = str(shards)
     out = work / "run"
     argv = [*rest, "--data", data, "--output-dir", str(out), "--max-steps", str(args.max_steps),
             "--log-every", str(args.log_every), "--checkpoint-every", str(10 * args.max_steps)]  # fmt: skip
@@ -75,40 +94,47 @@ def main() -> None:
     run = resolve_config(argv)
     fabric = make_fabric(run)
     source = resolve_source(run.data)
-    loader = make_loader(run, fabric, source, 0)
-    it = iter(loader)
-    next(it)  # worker start-up
-    t0 = time.perf_counter()
-    for _ in range(args.max_steps):
-        next(it)
-    loader_s = time.perf_counter() - t0
-    workers = loader.num_workers
-    del it, loader
+    timings = []
+    for _ in range(args.repeats):
+        loader = make_loader(run, fabric, source, 0)
+        it = iter(loader)
+        next(it)  # worker start-up
+        t0 = time.perf_counter()
+        for _ in range(args.max_steps):
+            next(it)
+        timings.append(time.perf_counter() - t0)
+        workers = loader.num_workers
+        del it, loader
+    loader_s = statistics.median(timings)
+    b = run.capi.batch_size
+    row = {
+        "preset": run.preset,
+        "batch_size": b,
+        "image_size": run.capi.image_size,
+        "compile": run.compile,
+        "device": str(fabric.device),
+        "workers": workers,
+        "format": "shards" if args.shards else "folder",
+        "data": args.data or f"{args.images} synthetic JPEGs, {args.image_px} px wide",
+        "decode_cache": args.decode_cache,
+        "loader_images_per_s": round(args.max_steps * b / loader_s, 1),
+        "loader_images_per_s_runs": [round(args.max_steps * b / t, 1) for t in timings],
+    }
+    if args.loader_only:
+        print(json.dumps(row))
+        return
 
     t0 = time.perf_counter()
     train_main(argv)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [round(r["images_per_s"], 1) for r in rows]
-    b = run.capi.batch_size
-    print(
-        json.dumps(
-            {
-                "preset": run.preset,
-                "batch_size": b,
-                "image_size": run.capi.image_size,
-                "compile": run.compile,
-                "device": str(fabric.device),
-                "workers": workers,
-                "data": args.data or f"{args.images} synthetic JPEGs, {args.image_px} px wide",
-                "decode_cache": args.decode_cache,
-                "loader_images_per_s": round(args.max_steps * b / loader_s, 1),
-                "loop_images_per_s": statistics.median(windows[1:]) if len(windows) > 1 else None,
-                "loop_windows_images_per_s": windows,
-                "loop_wall_s": round(wall, 1),
-            }
-        )
+    row.update(
+        loop_images_per_s=statistics.median(windows[1:]) if len(windows) > 1 else None,
+        loop_windows_images_per_s=windows,
+        loop_wall_s=round(wall, 1),
     )
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

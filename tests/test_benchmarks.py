@@ -152,3 +152,18 @@ def test_eval_scale_benchmark_prints_its_extrapolations():
     # the sizes follow from the datasets, not from this machine
     assert tail["in1k_knn"]["memory_gb"]["bank_fp32"] == 5.2
     assert tail["ade20k_seg_knn"]["memory_gb"]["train_val_features_fp32"] == 21.2
+
+
+def test_loop_throughput_reads_the_same_images_as_shards_and_as_a_folder(tmp_path):
+    common = ["benchmarks/loop_throughput.py", "--preset", "tiny", "--image-size", "32", "--batch-size", "8",
+              "--images", "48", "--image-px", "64", "--max-steps", "4", "--repeats", "2", "--accelerator", "cpu",
+              "--num-workers", "0", "--workdir", str(tmp_path), "--loader-only"]  # fmt: skip
+    rows = []
+    for extra in ([], ["--shards", "--shard-size", "40KB"]):
+        res = _run_on_cpu(*common, *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert [r["format"] for r in rows] == ["folder", "shards"]
+    assert all(r["loader_images_per_s"] > 0 and len(r["loader_images_per_s_runs"]) == 2 for r in rows)
+    manifest = json.loads((tmp_path / "shards_jpegs" / "shards.json").read_text())
+    assert manifest["images"] == 48 and len(manifest["shardlist"]) > 1  # the same 48 JPEGs, in several shards

@@ -183,7 +183,7 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_keep_the_batch_sha
     assert "cannot decode it" in caplog.text and "shard-000002.tar holds" in caplog.text
 
 
-def test_training_on_shards_with_workers_resumes_exactly(shards, tmp_path, monkeypatch):
+def test_training_on_shards_with_workers_resumes_exactly(shards, tmp_path, monkeypatch, caplog):
     from capi_lab import train
 
     common = [*TINY, "--num-workers", "2", "--data", str(shards), "--log-every", "1", "--max-steps", "7",
@@ -209,6 +209,23 @@ def test_training_on_shards_with_workers_resumes_exactly(shards, tmp_path, monke
     assert [r["capi_loss"] for r in once] == [r["capi_loss"] for r in twice]
     ck = torch.load(tmp_path / "twice" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["data_readers"] == 2
+    with caplog.at_level(logging.WARNING):  # one worker instead of two: another order, said so
+        assert train_main([*TINY, "--num-workers", "1", "--data", str(shards), "--max-steps", "8",
+                           "--checkpoint-every", "3", "--output-dir", str(tmp_path / "twice")]) == 0  # fmt: skip
+    assert "read its shards with 2 readers (ranks x loader workers), this one with 1" in caplog.text
+
+
+def test_the_writer_takes_any_source_arrays_included(tmp_path, monkeypatch):
+    from capi_lab.data import ArrayImages
+    from capi_lab.data import shards as shards_module
+
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 12, 12), dtype=np.uint8)
+    monkeypatch.setattr(shards_module, "resolve_source", lambda spec: ArrayImages(pixels, name="digits"))
+    manifest = write_shards("digits", tmp_path / "sh", progress=False)
+    assert manifest["images"] == 10 and not manifest["skipped"]
+    with tarfile.open(tmp_path / "sh" / manifest["shardlist"][0]["url"]) as tar:
+        img = Image.open(io.BytesIO(tar.extractfile("000000003.png").read()))
+    assert np.array_equal(np.asarray(img.convert("L")), pixels[3])  # lossless
 
 
 def _cmd(data, out, steps):
