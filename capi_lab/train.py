@@ -404,6 +404,8 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
     """Train ``run`` on ``source``, from ``resume`` (a checkpoint's path and state) when given."""
     out_dir = Path(run.output_dir)
     ckpt_dir = out_dir / "checkpoints"
+    # the loader first: a shard set that cannot feed every reader stops here, before any model is built
+    data_loader = make_loader(run, fabric, source, int(resume[1]["step"]) if resume is not None else 0)
     tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed, run.cuda_graphs, run.sinkhorn)
     fabric.print(f"Sinkhorn-Knopp: {tr.teacher_module.sinkhorn} (--sinkhorn {run.sinkhorn})")
     last = ckpt_dir / "last.ckpt"
@@ -416,7 +418,6 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
     if tr.step >= run.max_steps:
         fabric.print(f"nothing to do: the checkpoint is at step {tr.step} >= --max-steps {run.max_steps}")
         return tr
-    data_loader = make_loader(run, fabric, source, tr.step)
     tr.data_readers = data_loader.readers
     if resume is not None and tr.data_readers != resume[1].get("data_readers", tr.data_readers):
         log.warning(
@@ -528,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         fit(fabric, run, source, resume)
     except (ConfigError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    except DataError as e:  # from the loader; one raised in a worker carries its traceback, the cause comes last
+        cause = str(e).strip().splitlines()[-1].removeprefix("capi_lab.data.DataError: ")
+        raise SystemExit(f"error: {cause}") from None
     except NaNLossError as e:
         fabric.print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,40 @@ def test_bad_patterns_and_shards_get_errors_that_say_what_to_do(shards, tmp_path
         stream.check_split(5)
 
 
+def test_training_refuses_more_readers_than_shards_before_building_a_model(shards, tmp_path, monkeypatch):
+    from capi_lab import train
+
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit, match=r"error: 8 shards cannot feed 1 rank\(s\) x 9 loader worker\(s\)"):
+        train_main([*TINY, "--num-workers", "9", "--data", str(shards), "--output-dir", str(tmp_path / "r")])
+
+
+def test_shards_with_no_decodable_image_stop_with_one_line(tmp_path):
+    with tarfile.open(tmp_path / "junk.tar", "w") as tar:
+        for k in range(8):
+            data = b"\xff\xd8 broken"
+            info = tarfile.TarInfo(f"{k:03d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SystemExit, match=r"^error: none of the first 8 images of .*junk.tar can be decoded"):
+        train_main([*TINY, "--num-workers", "1", "--data", str(tmp_path / "junk.tar"), "--output-dir",
+                    str(tmp_path / "r"), "--max-steps", "2"])  # fmt: skip
+    with pytest.raises(DataError, match=r"none of the 4 images of a batch could be decoded \(shards \['.*junk.tar'\]"):
+        next(iter(ShardStream(open_shards(str(tmp_path / "junk.tar")), 16, 4)))
+    # one good image first (the start-up check passes), then a whole batch of broken ones, in a loader worker
+    good = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(good, format="PNG")
+    with tarfile.open(tmp_path / "late.tar", "w") as tar:
+        for k in range(17):
+            data = good.getvalue() if k == 0 else b"\xff\xd8 broken"
+            info = tarfile.TarInfo(f"{k:03d}.{'png' if k == 0 else 'jpg'}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SystemExit, match=r"^error: none of the 8 images of a batch could be decoded \(shards"):
+        train_main([*TINY, "--num-workers", "1", "--data", str(tmp_path / "late.tar"), "--output-dir",
+                    str(tmp_path / "r2"), "--max-steps", "4"])  # fmt: skip
+
+
 def test_uneven_shards_are_warned_about(shards, caplog):
     stream = ShardStream(open_shards(str(shards)), 16, 4, world_size=3)
     with caplog.at_level(logging.WARNING):
