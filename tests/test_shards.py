@@ -305,3 +305,29 @@ def test_torchrun_two_processes_on_cpu_read_the_shards(shards, tmp_path):
     ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["data_readers"] == 4 and ck["stream_position"] == 6 * 8 * 2
     assert Counter(r["step"] for r in rows)[6] == 1
+
+
+COUNT_KEYS = """
+import json, os, sys, torch
+from capi_lab.data.shards import ShardStream, open_shards
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+stream = ShardStream(open_shards(sys.argv[1]), 16, 3, rank, world, buffer=5, with_keys=True)
+loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=list)
+keys = [k for batch, _ in zip(loader, range(8)) for k, _, _ in batch]  # one epoch: 8 shards of 6 over 4 readers
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+    json.dump({"keys": keys, "pid": os.getpid()}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_by_two_workers_read_every_image_once(shards, tmp_path):
+    (tmp_path / "count.py").write_text(COUNT_KEYS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(tmp_path / "count.py"),
+           str(shards), str(tmp_path)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+    keys = ranks[0]["keys"] + ranks[1]["keys"]
+    assert len(keys) == 48 and len(set(keys)) == 48  # 2 processes x 2 workers: every image once, none twice
+    assert len({k.split("#")[0] for k in ranks[0]["keys"]} & {k.split("#")[0] for k in ranks[1]["keys"]}) == 0
