@@ -461,7 +461,7 @@ def write_shards(
     overwrite: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Write the images of ``src`` (any ``--data`` source but shards) as tar shards ``dst/shard-NNNNNN.tar`` of at
-    most ``shard_size`` bytes and ``max_count`` images, in source order, and ``dst/shards.json`` (each shard's
+    most ``max_count`` images, each closed once it holds ``shard_size`` bytes, in source order, and ``dst/shards.json`` (each shard's
     image count and size, the images skipped and why). Returns the manifest."""
     from webdataset.writer import ShardWriter
 
@@ -531,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("src", help="a folder of images (recursive), a .txt list of image paths, or another --data source")
     p.add_argument("dst", help="the folder to write shard-000000.tar, ... and shards.json into")
-    p.add_argument("--shard-size", default="1GB", help="the most bytes a shard holds (default 1GB; e.g. 500MB)")
+    p.add_argument(
+        "--shard-size", default="1GB", help="a shard is closed once it holds this many bytes (default 1GB; e.g. 500MB)"
+    )
     p.add_argument("--max-count", type=int, default=100_000, help="the most images a shard holds (default 100000)")
     p.add_argument("--num-workers", type=int, default=0, help="processes decoding (checking) the images (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in DST")
