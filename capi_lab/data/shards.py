@@ -461,8 +461,8 @@ def write_shards(
     overwrite: bool = False, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Write the images of ``src`` (any ``--data`` source but shards) as tar shards ``dst/shard-NNNNNN.tar`` of at
-    most ``max_count`` images, each closed once it holds ``shard_size`` bytes, in source order, and ``dst/shards.json`` (each shard's
-    image count and size, the images skipped and why). Returns the manifest."""
+    most ``max_count`` images, each closed once it holds ``shard_size`` bytes, in source order, and
+    ``dst/shards.json`` (each shard's image count and size, the images skipped and why). Returns the manifest."""
     from webdataset.writer import ShardWriter
 
     source = resolve_source(src)
