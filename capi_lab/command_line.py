@@ -1,6 +1,7 @@
-"""The command lines of capi_lab (training, evaluation, feature extraction), built by jsonargparse from the
-typed config dataclasses: every field is a flag whose type is checked and whose attribute docstring is its
-``--help`` text; ``--config FILE.yaml`` reads the same keys; ``--print_config`` prints the resolved settings.
+"""The command lines of capi_lab (training, evaluation, features, visualisations, the shard writer), built by
+jsonargparse from the typed config dataclasses: every field is a flag whose type is checked and whose attribute
+docstring is its ``--help`` text; ``--config FILE.yaml`` reads the same keys; ``--print_config`` prints the
+resolved settings.
 
 Two conveniences on top of jsonargparse, both in :func:`normalise_argv`:
 

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,12 @@ def test_writer_keeps_the_files_bytes_skips_bad_images_and_refuses_to_overwrite(
     assert parse_size("1GB") == 10**9 and parse_size("64KiB") == 65536 and parse_size("2e9") == 2 * 10**9
     with pytest.raises(DataError, match="give a size like 1GB"):
         parse_size("big")
+    for flags, message in ((["--shard-size", "big"], "--shard-size 'big': give a size like 1GB"),
+                           (["--max-count", "0"], "--max-count must be >= 1, got 0"),
+                           (["--num-workers", "-1"], "--num-workers must be >= 0")):  # fmt: skip
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}"):
+            main([str(src), str(tmp_path / "other"), *flags])
+    assert not (tmp_path / "other").exists()  # a bad flag writes nothing
 
 
 def test_every_way_of_naming_shards_reads_the_same(shards):

@@ -26,7 +26,6 @@ always holds the same positions.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -45,6 +44,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from capi_lab.config import ConfigError
 from capi_lab.data import (
     DataError,
     FileImages,
@@ -523,24 +523,55 @@ def write_shards(
     return manifest
 
 
+@dataclass
+class ShardsConfig:
+    """How the images of SRC are written as shards into DST."""
+
+    src: str
+    """A folder of images (recursive), a .txt list of image paths, or another --data source."""
+    dst: str
+    """The folder to write shard-000000.tar, ... and shards.json into."""
+    shard_size: str = "1GB"
+    """A shard is closed once it holds this many bytes (1GB, 500MB, 2e9)."""
+    max_count: int = 100_000
+    """The most images a shard holds."""
+    num_workers: int = 0
+    """Processes decoding (checking) the images."""
+    overwrite: bool = False
+    """Replace the shards already in DST."""
+
+    def __post_init__(self) -> None:
+        if self.max_count < 1:
+            raise ConfigError(f"--max-count must be >= 1, got {self.max_count}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        parse_size(self.shard_size)
+
+
+def parse_args(argv: list[str] | None = None) -> ShardsConfig:
+    """``SRC DST`` and the flags of :class:`ShardsConfig` (jsonargparse, as the library's other command lines)."""
+    from capi_lab.command_line import clear_errors, instantiate, new_parser, normalise_argv, shorthand_flags
+
+    parser = new_parser(
+        "python -m capi_lab.data.shards",
+        "Write a folder of images (or a list file, or any --data source) as WebDataset tar shards for `python -m "
+        "capi_lab.train --data DST`. Images that do not decode are skipped and listed in DST/shards.json.",
+    )
+    parser.add_argument("src", type=str, help="a folder of images (recursive), a .txt list of image paths, or "
+                        "another --data source")  # fmt: skip
+    parser.add_argument("dst", type=str, help="the folder to write shard-000000.tar, ... and shards.json into")
+    parser.add_class_arguments(ShardsConfig, nested_key=None, skip={"src", "dst"})
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv, shorthand_flags(ShardsConfig))
+    with clear_errors(parser.prog):
+        try:
+            return instantiate(ShardsConfig, parser.parse_args(argv))
+        except DataError as e:  # --shard-size
+            raise ConfigError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m capi_lab.data.shards",
-        description="Write a folder of images (or a list file, or any --data source) as WebDataset tar shards for "
-        "`python -m capi_lab.train --data DST`. Images that do not decode are skipped and listed in DST/shards.json.",
-    )
-    p.add_argument("src", help="a folder of images (recursive), a .txt list of image paths, or another --data source")
-    p.add_argument("dst", help="the folder to write shard-000000.tar, ... and shards.json into")
-    p.add_argument(
-        "--shard-size", default="1GB", help="a shard is closed once it holds this many bytes (default 1GB; e.g. 500MB)"
-    )
-    p.add_argument("--max-count", type=int, default=100_000, help="the most images a shard holds (default 100000)")
-    p.add_argument("--num-workers", type=int, default=0, help="processes decoding (checking) the images (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace the shards already in DST")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     try:
-        if args.max_count < 1 or args.num_workers < 0:
-            raise DataError("--max-count must be >= 1 and --num-workers >= 0")
         m = write_shards(args.src, args.dst, parse_size(args.shard_size), args.max_count, args.num_workers,
                          args.overwrite)  # fmt: skip
     except DataError as e:
