@@ -124,6 +124,12 @@ def test_bad_patterns_and_shards_get_errors_that_say_what_to_do(shards, tmp_path
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(DataError, match="is not a shard manifest"):
         open_shards(str(tmp_path / "bad.json"))
+    (tmp_path / "bad.json").write_text('{"shardlist": [{"url": "a.tar"}]}')
+    with pytest.raises(DataError, match="has a shard entry without url and nsamples"):
+        open_shards(str(tmp_path / "bad.json"))
+    (tmp_path / "bad.json").write_text('{"shardlist": [{"url": "gone.tar", "nsamples": 3}]}')
+    with pytest.raises(DataError, match="the manifest names .*gone.tar, which does not exist"):
+        open_shards(str(tmp_path / "bad.json"))
     stream = ShardStream(open_shards(str(shards)), 16, 4, rank=0, world_size=2)
     with pytest.raises(DataError, match=r"8 shards cannot feed 2 rank\(s\) x 5 loader worker\(s\) = 10 readers"):
         stream.check_split(5)

@@ -184,10 +184,14 @@ def _from_manifest(where: str | Path, spec: str) -> ShardSource:
     base = str(where).rsplit("/", 1)[0] if "/" in str(where) else "."
     shards = []
     for e in entries:
-        url = e["url"] if _REMOTE.match(e["url"]) or Path(e["url"]).is_absolute() else f"{base}/{e['url']}"
+        try:
+            name, count = str(e["url"]), int(e["nsamples"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"--data {spec!r}: {where} has a shard entry without url and nsamples: {e!r}") from None
+        url = name if _REMOTE.match(name) or Path(name).is_absolute() else f"{base}/{name}"
         if not _REMOTE.match(url) and not Path(url).is_file():
             raise DataError(f"--data {spec!r}: the manifest names {url}, which does not exist")
-        shards.append(Shard(url, int(e["nsamples"])))
+        shards.append(Shard(url, count))
     if not shards:
         raise DataError(f"--data {spec!r}: the manifest lists no shards")
     return ShardSource(shards, spec)
