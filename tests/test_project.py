@@ -74,16 +74,17 @@ def test_app_examples_are_attributed():
 
 
 def test_readme_evaluation_commands_parse():
-    """Every evaluation, features and visualisation command the README shows is accepted by its parser (flags and
-    values), so the README cannot drift from the command lines."""
+    """Every evaluation, features, visualisation and shard-writer command the README shows is accepted by its
+    parser (flags and values), so the README cannot drift from the command lines."""
     import shlex
 
     from capi_lab import features, visualize
+    from capi_lab.data import shards
     from capi_lab.evaluation import __main__ as capi_eval
 
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
     parsers = {"capi_lab.evaluation": capi_eval.parse_args, "capi_lab.features": features.parse_args,
-               "capi_lab.visualize": visualize.parse_args}  # fmt: skip
+               "capi_lab.visualize": visualize.parse_args, "capi_lab.data.shards": shards.parse_args}  # fmt: skip
     seen = set()
     for line in text.splitlines():
         line = line.split("#")[0].strip()
