@@ -67,3 +67,26 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save(model_state(model), path)
     return path
+
+
+@pytest.fixture
+def interrupt_and_resume(monkeypatch):
+    """``run_twice(main, argv, step)``: ``main(argv)`` stopped by a KeyboardInterrupt as step ``step`` begins (just
+    after a checkpoint there), then the same command again, which resumes; returns the second call's result."""
+    from capi_lab import train
+
+    def run_twice(main, argv, step):
+        real = train.train_step
+
+        def interrupted(tr, *args, **kwargs):
+            if tr.step == step:
+                raise KeyboardInterrupt
+            return real(tr, *args, **kwargs)
+
+        monkeypatch.setattr(train, "train_step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+        monkeypatch.setattr(train, "train_step", real)
+        return main(argv)
+
+    return run_twice

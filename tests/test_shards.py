@@ -44,6 +44,25 @@ def _photos(folder: Path, n: int, seed: int = 0) -> Path:
     return folder
 
 
+BROKEN = b"\xff\xd8 broken"
+"""The start of a JPEG, and nothing after it."""
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    """A tar holding ``members`` (name -> bytes), in that order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """48 images written as 8 shards of 6 (``--max-count 6``)."""
@@ -144,26 +163,15 @@ def test_training_refuses_more_readers_than_shards_before_building_a_model(shard
 
 
 def test_shards_with_no_decodable_image_stop_with_one_line(tmp_path):
-    with tarfile.open(tmp_path / "junk.tar", "w") as tar:
-        for k in range(8):
-            data = b"\xff\xd8 broken"
-            info = tarfile.TarInfo(f"{k:03d}.jpg")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    _tar(tmp_path / "junk.tar", {f"{k:03d}.jpg": BROKEN for k in range(8)})
     with pytest.raises(SystemExit, match=r"^error: none of the first 8 images of .*junk.tar can be decoded"):
         train_main([*TINY, "--num-workers", "1", "--data", str(tmp_path / "junk.tar"), "--output-dir",
                     str(tmp_path / "r"), "--max-steps", "2"])  # fmt: skip
     with pytest.raises(DataError, match=r"none of the 4 images of a batch could be decoded \(shards \['.*junk.tar'\]"):
         next(iter(ShardStream(open_shards(str(tmp_path / "junk.tar")), 16, 4)))
     # one good image first (the start-up check passes), then a whole batch of broken ones, in a loader worker
-    good = io.BytesIO()
-    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(good, format="PNG")
-    with tarfile.open(tmp_path / "late.tar", "w") as tar:
-        for k in range(17):
-            data = good.getvalue() if k == 0 else b"\xff\xd8 broken"
-            info = tarfile.TarInfo(f"{k:03d}.{'png' if k == 0 else 'jpg'}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    late = {"000.png": _png(np.full((40, 40, 3), 90, np.uint8)), **{f"{k:03d}.jpg": BROKEN for k in range(1, 17)}}
+    _tar(tmp_path / "late.tar", late)
     with pytest.raises(SystemExit, match=r"^error: none of the 8 images of a batch could be decoded \(shards"):
         train_main([*TINY, "--num-workers", "1", "--data", str(tmp_path / "late.tar"), "--output-dir",
                     str(tmp_path / "r2"), "--max-steps", "4"])  # fmt: skip
@@ -209,14 +217,8 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_keep_the_batch_sha
     bad.mkdir()
     for f in shards.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    with tarfile.open(bad / "shard-000001.tar", "w") as tar:  # a corrupt image among good ones
-        for k in range(6):
-            img = io.BytesIO()
-            Image.fromarray(np.full((20, 20, 3), 40 * k, np.uint8)).save(img, format="PNG")
-            data = b"\x89PNG broken" if k == 2 else img.getvalue()
-            info = tarfile.TarInfo(f"x{k:03d}.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    pngs = {f"x{k:03d}.png": _png(np.full((20, 20, 3), 40 * k, np.uint8)) for k in range(6)}
+    _tar(bad / "shard-000001.tar", {**pngs, "x002.png": b"\x89PNG broken"})  # a corrupt image among good ones
     raw = (bad / "shard-000002.tar").read_bytes()
     (bad / "shard-000002.tar").write_bytes(raw[: len(raw) // 3])  # truncated: the manifest still says 6
     source = open_shards(str(bad))
@@ -230,24 +232,12 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_keep_the_batch_sha
     assert "cannot decode it" in caplog.text and "shard-000002.tar holds" in caplog.text
 
 
-def test_training_on_shards_with_workers_resumes_exactly(shards, tmp_path, monkeypatch, caplog):
-    from capi_lab import train
-
+def test_training_on_shards_with_workers_resumes_exactly(shards, tmp_path, interrupt_and_resume, caplog):
     common = [*TINY, "--num-workers", "2", "--data", str(shards), "--log-every", "1", "--max-steps", "7",
               "--checkpoint-every", "3"]  # fmt: skip
     assert train_main([*common, "--output-dir", str(tmp_path / "once")]) == 0
-    real = train.train_step
-
-    def interrupted(tr, *args, **kwargs):
-        if tr.step == 3:  # just after the step-3 checkpoint: the workers' roles swap on resume (3 is odd)
-            raise KeyboardInterrupt
-        return real(tr, *args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_main([*common, "--output-dir", str(tmp_path / "twice")])
-    monkeypatch.setattr(train, "train_step", real)
-    assert train_main([*common, "--output-dir", str(tmp_path / "twice")]) == 0
+    # interrupted just after the step-3 checkpoint: the workers' roles swap on resume (3 is odd)
+    assert interrupt_and_resume(train_main, [*common, "--output-dir", str(tmp_path / "twice")], 3) == 0
     once, twice = (
         [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
         for d in ("once", "twice")

@@ -69,22 +69,11 @@ def test_tiny_run_writes_everything(images, tmp_path):
     assert again.capi == resolve_config([*TINY, "--data", str(images)]).capi
 
 
-def test_resume_is_exact(images, tmp_path, monkeypatch):
+def test_resume_is_exact(images, tmp_path, interrupt_and_resume):
     common = [*TINY, "--data", str(images), "--log-every", "1", "--max-steps", "8", "--checkpoint-every", "4"]
     main([*common, "--output-dir", str(tmp_path / "once")])
     # the same run interrupted after step 4 (just after its checkpoint), then the same command again
-    real = train.train_step
-
-    def interrupted(tr, *args, **kwargs):
-        if tr.step == 4:
-            raise KeyboardInterrupt
-        return real(tr, *args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main([*common, "--output-dir", str(tmp_path / "twice")])
-    monkeypatch.setattr(train, "train_step", real)
-    main([*common, "--output-dir", str(tmp_path / "twice")])
+    interrupt_and_resume(main, [*common, "--output-dir", str(tmp_path / "twice")], 4)
     once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
     assert [r["step"] for r in twice] == list(range(1, 9))
     for key in ("capi_loss", "clustering_loss", "target_entropy"):
