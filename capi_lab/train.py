@@ -60,6 +60,7 @@ from capi_lab.optim import ema_update_, param_groups, set_hparams
 from capi_lab.pretrained import CheckpointError, load_pretrained, save_authors_checkpoint
 from capi_lab.schedules import Schedules
 from capi_lab.sinkhorn import check_impl, default_impl
+from capi_lab.snapshots import Snapshotter, probe_paths, snapshot_interval
 
 log = logging.getLogger("capi_lab.train")
 
@@ -115,6 +116,11 @@ class RunConfig:
     resume_with_changes: bool = False
     """Resume a run folder's checkpoint even though this command's seed, data or method settings differ from the
     checkpoint's (they are listed, and recorded in DIR/resumes.jsonl); the weights must still fit the model."""
+    snapshot_every: int | None = None
+    """Steps between snapshots of what the teacher sees in the probe images (DIR/snapshots: PCA, cluster and
+    predictor maps plus their numbers; capi_lab.snapshots); default: 20 per run and one at step 0; 0: none."""
+    snapshot_images: str | None = None
+    """Folder of probe photos for the snapshots (its first 8 images); default: the 7 bundled example photos."""
     eval: EvalDuringConfig = field(default_factory=EvalDuringConfig)
     """Evaluations of the teacher during training (--eval.every N with --eval.data and/or --eval.seg)."""
     capi: CAPIConfig = field(default_factory=CAPIConfig)
@@ -134,6 +140,10 @@ class RunConfig:
         if isinstance(self.eval, dict):  # from a checkpoint's or a YAML file's settings
             self.eval = EvalDuringConfig(**self.eval)
         self.eval = self.eval.resolved(self.data)
+        if self.snapshot_every is not None and self.snapshot_every < 0:
+            raise ConfigError(f"--snapshot-every must be >= 0 (0: no snapshots), got {self.snapshot_every}")
+        if self.strategy == "fsdp" and self.snapshot_every:
+            raise ConfigError("--snapshot-every does not work with --strategy fsdp yet (the teacher is sharded)")
         if self.eval.every and self.strategy == "fsdp":
             raise ConfigError("--eval.every does not work with --strategy fsdp yet (the teacher is sharded)")
         if self.cuda_graphs and not self.compile:
@@ -150,6 +160,13 @@ class RunConfig:
             mask_counts(grid * grid, self.capi.mask)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @property
+    def snapshot_interval(self) -> int:
+        """Steps between snapshots (0: none): ``snapshot_every``, or 20 per run; none by default under FSDP."""
+        if self.strategy == "fsdp" and self.snapshot_every is None:
+            return 0
+        return snapshot_interval(self.snapshot_every, self.max_steps)
 
     @property
     def checkpoint_interval(self) -> int:
@@ -406,6 +423,10 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
     ckpt_dir = out_dir / "checkpoints"
     # the loader first: a shard set that cannot feed every reader stops here, before any model is built
     data_loader = make_loader(run, fabric, source, int(resume[1]["step"]) if resume is not None else 0)
+    snap = None
+    if run.snapshot_interval and fabric.global_rank == 0:
+        c = run.capi
+        snap = Snapshotter(out_dir, run.snapshot_images, c.image_size, c.model.patch_size, c.mask, run.seed)
     tr = build_trainer(fabric, run.capi, run.max_steps, run.compile, run.seed, run.cuda_graphs, run.sinkhorn)
     fabric.print(f"Sinkhorn-Knopp: {tr.teacher_module.sinkhorn} (--sinkhorn {run.sinkhorn})")
     last = ckpt_dir / "last.ckpt"
@@ -415,6 +436,8 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
     metrics_file = out_dir / "metrics.jsonl"
     if fabric.global_rank == 0:  # one line per logged step, whatever was logged after the checkpoint
         truncate_metrics(metrics_file, tr.step)
+        if snap is not None:
+            snap.truncate(tr.step)
     if tr.step >= run.max_steps:
         fabric.print(f"nothing to do: the checkpoint is at step {tr.step} >= --max-steps {run.max_steps}")
         return tr
@@ -432,6 +455,12 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
         from capi_lab.evaluation.during import DuringTraining
 
         evaluate = DuringTraining(run.eval, run.capi.image_size, run.capi.model.patch_size, run.seed)
+
+    def snapshot() -> None:  # its numbers go to the loggers and DIR/snapshots/index.jsonl, not metrics.jsonl
+        fabric.log_dict(snap(tr.teacher, tr.step), step=tr.step)
+
+    if snap is not None and tr.step == 0:  # what the model sees before it has learned anything
+        snapshot()
     bar = tqdm(total=run.max_steps, initial=tr.step, disable=fabric.global_rank != 0, desc="train", dynamic_ncols=True)
     skipped = 0
     nan_steps: list[int] = []
@@ -471,6 +500,8 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
                     f.write(json.dumps({"step": tr.step, **scores}) + "\n")
                 bar.write(f"step {tr.step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in scores.items()))
             fabric.barrier()
+        if snap is not None and (tr.step % run.snapshot_interval == 0 or tr.step == run.max_steps):
+            snapshot()
         if tr.step % run.checkpoint_interval == 0 or tr.step == run.max_steps:
             _check_nan(pending, nan_steps, ckpt_dir)
             if not nan_steps:
@@ -508,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = resolve_source(run.data)  # bad data, devices or checkpoints fail here, before any model is built
         check_decodable(source)
+        if run.snapshot_interval:
+            probe_paths(run.snapshot_images)
         check_devices(run)
         resume = find_resume_checkpoint(out_dir / "checkpoints")
         changes = check_resume(run, *resume) if resume is not None else {}

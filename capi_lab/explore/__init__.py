@@ -199,22 +199,33 @@ class ClusterResult:
     method: str  # how the clusters were made, in words
     num_clusters: int  # size of the cluster vocabulary (K, or k of k-means)
     usage: list[tuple[int, int]]  # (cluster, patch count), most used first
+    centers: torch.Tensor  # [num_clusters, D] the prototypes (or k-means centroids): what colours follow
 
 
-def _kmeans_probs(feats: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+def _kmeans_probs(feats: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.cluster import KMeans
 
     x = F.normalize(feats, dim=-1)
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x.numpy())
     centroids = F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=-1)
-    return torch.softmax(x @ centroids.T / TEACHER_TEMPERATURE, dim=-1)
+    return torch.softmax(x @ centroids.T / TEACHER_TEMPERATURE, dim=-1), centroids
 
 
-def cluster_maps(encoded: list[Encoded], balance: bool = False, kmeans_k: int = 32) -> ClusterResult:
+def prototypes(model: CAPIModel) -> torch.Tensor | None:
+    """``[K, D]`` the clustering head's prototype vectors (None without a clustering head)."""
+    if model.clustering_head is None:
+        return None
+    return model.clustering_head.linear.weight.detach().float().cpu()
+
+
+def cluster_maps(
+    encoded: list[Encoded], balance: bool = False, kmeans_k: int = 32, centers: torch.Tensor | None = None
+) -> ClusterResult:
     """Each patch's cluster: the clustering head's softmax at the teacher temperature, or with
     ``balance`` the standard Sinkhorn-Knopp over all patches of all the images (every cluster gets an
     even share of the set, as the teacher's targets do in training). A model without a clustering head
-    (the authors' published backbones) gets k-means on its patch features instead."""
+    (the authors' published backbones) gets k-means on its patch features instead. ``centers``: the model's
+    prototypes (:func:`prototypes`), kept in the result for colouring."""
     sizes = [e.grid[0] * e.grid[1] for e in encoded]
     if all(e.logits is not None for e in encoded):
         logits = torch.cat([e.logits.reshape(-1, e.logits.shape[-1]) for e in encoded])
@@ -228,7 +239,7 @@ def cluster_maps(encoded: list[Encoded], balance: bool = False, kmeans_k: int = 
     else:
         feats = torch.cat([e.features.reshape(-1, e.features.shape[-1]) for e in encoded])
         k = min(kmeans_k, feats.shape[0])
-        probs = _kmeans_probs(feats, k)
+        probs, centers = _kmeans_probs(feats, k)
         method = f"k-means (k={k}) on patch features — this model has no clustering head"
     conf, assign = probs.max(-1)
     ent = -torch.special.xlogy(probs, probs).sum(-1)
@@ -239,7 +250,9 @@ def cluster_maps(encoded: list[Encoded], balance: bool = False, kmeans_k: int = 
     def split(t: torch.Tensor) -> list[np.ndarray]:
         return [a.reshape(e.grid).numpy() for a, e in zip(t.split(sizes), encoded, strict=True)]
 
-    return ClusterResult(split(assign), split(conf), split(ent), method, k, usage)
+    if centers is None or centers.shape[0] != k:
+        centers = torch.eye(k)  # unknown prototypes: colours by index
+    return ClusterResult(split(assign), split(conf), split(ent), method, k, usage, centers)
 
 
 # ----------------------------------------------------------------------------------- reconstruction
@@ -266,50 +279,89 @@ def reconstruct(
 ) -> tuple[Reconstruction, Encoded]:
     """Hide patches with a training mask, run the encoder on the visible ones and the predictor at every
     masked position, and compare the student head's cluster with the teacher's for the full image."""
-    if model.head is None or model.clustering_head is None:
-        raise InputError(
-            "this model has no student head and clustering head (the authors' published checkpoints hold the "
-            "backbone only), so it cannot name predicted clusters; use a capi_lab checkpoint or the default model"
-        )
+    _check_heads(model)
     if strategy not in MASK_STRATEGIES:
         raise InputError(f"unknown masking strategy {strategy!r}; choose one of {', '.join(MASK_STRATEGIES)}")
     x, shown = prepare(image, resolution, model.patch_size)
-    enc = _encode_prepared(model, x, shown)
-    h, w = enc.grid
+    h, w = x.shape[2] // model.patch_size, x.shape[3] // model.patch_size
     try:
         cfg = MaskConfig(strategy=strategy, ratio=float(ratio), roll=bool(roll), prediction_subsampling=1.0)
         mask = sample_mask(h, w, cfg, np.random.default_rng(seed))
     except ValueError as e:  # unknown strategy, or a ratio that leaves no visible / no masked patch
         raise InputError(str(e)) from None
-    flat = mask.reshape(-1)
+    return _reconstruct_prepared(model, x, shown, mask)
+
+
+@torch.inference_mode()
+def reconstruct_with_mask(
+    model: CAPIModel, image: Image.Image, resolution: int, mask: np.ndarray
+) -> tuple[Reconstruction, Encoded]:
+    """:func:`reconstruct` with a given ``[h, w]`` mask (True = hidden) instead of a sampled one."""
+    _check_heads(model)
+    x, shown = prepare(image, resolution, model.patch_size)
+    grid = (x.shape[2] // model.patch_size, x.shape[3] // model.patch_size)
+    if mask.shape != grid or mask.all() or not mask.any():
+        raise InputError(f"the mask must be {grid[0]}x{grid[1]} with masked and visible patches, got {mask.shape}")
+    return _reconstruct_prepared(model, x, shown, mask)
+
+
+def _check_heads(model: CAPIModel) -> None:
+    if model.head is None or model.clustering_head is None:
+        raise InputError(
+            "this model has no student head and clustering head (the authors' published checkpoints hold the "
+            "backbone only), so it cannot name predicted clusters; use a capi_lab checkpoint or the default model"
+        )
+
+
+def _reconstruct_prepared(
+    model: CAPIModel, x: torch.Tensor, shown: Image.Image, mask: np.ndarray
+) -> tuple[Reconstruction, Encoded]:
+    ((rec, feats, logits),) = reconstruct_batch(model, x, mask[None])
+    return rec, Encoded(shown, feats, logits)
+
+
+@torch.inference_mode()
+def reconstruct_batch(
+    model: CAPIModel, x: torch.Tensor, masks: np.ndarray
+) -> list[tuple[Reconstruction, torch.Tensor, torch.Tensor]]:
+    """:func:`reconstruct` for a batch: inputs ``[B, 3, H, W]`` and masks ``[B, h, w]`` with the same number
+    of masked patches in each; per image its reconstruction, ``[h, w, D]`` patch features and ``[h, w, K]``
+    clustering logits (both on the CPU)."""
     p = next(model.parameters())
-    visible = torch.from_numpy(np.flatnonzero(~flat)).to(p.device)
-    masked = torch.from_numpy(np.flatnonzero(flat)).to(p.device)
-    ctx = model.backbone.encode(x.to(p.device, p.dtype), visible)
-    probs = torch.softmax(model.prediction_logits(ctx, masked)[0].float() / STUDENT_TEMPERATURE, dim=-1).cpu()
-    teacher = enc.logits.argmax(-1).reshape(-1)
-    conf, pred = probs.max(-1)
-    top5 = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
-    t = teacher[masked.cpu()]
-    hit1 = pred == t
-    hit5 = (top5 == t[:, None]).any(-1)
-    m_idx = masked.cpu().numpy()
-    predicted = np.full(h * w, -1)
-    predicted[m_idx] = pred.numpy()
-    in5 = np.zeros(h * w, bool)
-    in5[m_idx] = hit5.numpy()
-    confidence = np.zeros(h * w, np.float32)
-    confidence[m_idx] = conf.numpy()
-    rec = Reconstruction(
-        mask,
-        predicted.reshape(h, w),
-        teacher.reshape(h, w).numpy(),
-        in5.reshape(h, w),
-        confidence.reshape(h, w),
-        float(hit1.float().mean()),
-        float(hit5.float().mean()),
-    )
-    return rec, enc
+    x = x.to(p.device, p.dtype)
+    b, (h, w) = x.shape[0], model.backbone.grid_size(x)
+    n = h * w
+    flat = torch.from_numpy(masks.reshape(b, n))
+    if len(set(flat.sum(1).tolist())) != 1:
+        raise InputError("every mask of a batch must hide the same number of patches")
+    visible = torch.nonzero(~flat.flatten()).flatten().to(p.device)
+    masked = torch.nonzero(flat.flatten()).flatten().to(p.device)
+    feats = model.patch_features(x)
+    logits = model.clustering_head(feats).float().cpu()
+    ctx = model.backbone.encode(x, visible)
+    probs = torch.softmax(model.prediction_logits(ctx, masked).float() / STUDENT_TEMPERATURE, dim=-1).cpu()
+    out = []
+    for i in range(b):
+        teacher = logits[i].argmax(-1)
+        m_idx = torch.nonzero(flat[i]).flatten()
+        conf, pred = probs[i].max(-1)
+        top5 = probs[i].topk(min(5, probs.shape[-1]), dim=-1).indices
+        t = teacher[m_idx]
+        hit1, hit5 = pred == t, (top5 == t[:, None]).any(-1)
+        predicted = torch.full((n,), -1, dtype=torch.long).index_copy_(0, m_idx, pred)
+        in5 = torch.zeros(n, dtype=torch.bool).index_copy_(0, m_idx, hit5)
+        confidence = torch.zeros(n).index_copy_(0, m_idx, conf)
+        rec = Reconstruction(
+            masks[i],
+            predicted.view(h, w).numpy(),
+            teacher.view(h, w).numpy(),
+            in5.view(h, w).numpy(),
+            confidence.view(h, w).numpy(),
+            float(hit1.float().mean()),
+            float(hit5.float().mean()),
+        )
+        out.append((rec, feats[i].float().cpu().view(h, w, -1), logits[i].view(h, w, -1)))
+    return out
 
 
 # --------------------------------------------------------------------------------------- similarity

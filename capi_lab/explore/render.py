@@ -57,6 +57,28 @@ def palette(usage: list[tuple[int, int]], num_clusters: int) -> np.ndarray:
     return np.stack([cluster_color(c, rank.get(c)) for c in range(num_clusters)])
 
 
+def similarity_palette(vectors, quantile: float = 0.02) -> np.ndarray:
+    """``[K, 3]`` uint8 colours for ``K`` cluster centres ``[K, D]`` (prototypes, centroids): the first three
+    principal components of the l2-normalised vectors as RGB (each scaled between its ``quantile`` and
+    ``1 - quantile`` values, sign-fixed), so similar prototypes get similar colours and the colours of a model
+    do not depend on which images are shown."""
+    import torch
+
+    from capi_lab.explore.pca import pca_basis
+
+    v = torch.nn.functional.normalize(torch.as_tensor(vectors).float(), dim=-1)
+    k = v.shape[0]
+    if k < 2:
+        return np.full((k, 3), 128, np.uint8)
+    mean, comps, _ = pca_basis(v, min(3, *v.shape))
+    proj = (v - mean) @ comps.T
+    if proj.shape[1] < 3:
+        proj = torch.cat([proj, proj.new_zeros(k, 3 - proj.shape[1])], 1)
+    lo, hi = proj.quantile(quantile, dim=0), proj.quantile(1 - quantile, dim=0)
+    t = ((proj - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+    return (40 + 200 * t.numpy() + 0.5).astype(np.uint8)  # no pure black or white: they read as "no data"
+
+
 def blend(picture: Image.Image, overlay: np.ndarray | Image.Image, alpha: float | int = 0.6) -> Image.Image:
     """``overlay`` (a patch grid, upscaled) over ``picture`` with opacity ``alpha``."""
     over = overlay if isinstance(overlay, Image.Image) else upscale(overlay, picture.size)
@@ -72,6 +94,58 @@ def row(pictures: list[Image.Image], pad: int = 4, background: int = 255) -> Ima
     for p in pictures:
         out.paste(p, (x, 0))
         x += p.width + pad
+    return out
+
+
+def stack(pictures: list[Image.Image], pad: int = 4, background: int = 255) -> Image.Image:
+    """Pictures one above the other (left-aligned) with ``pad`` px between them."""
+    W = max(p.width for p in pictures)
+    H = sum(p.height for p in pictures) + pad * (len(pictures) - 1)
+    out = Image.new("RGB", (W, H), (background,) * 3)
+    y = 0
+    for p in pictures:
+        out.paste(p, (0, y))
+        y += p.height + pad
+    return out
+
+
+def header(labels: list[str], width: int, pad: int = 4, height: int = 14) -> Image.Image:
+    """A strip of column titles for a :func:`row` of ``len(labels)`` tiles ``width`` px wide."""
+    from PIL import ImageDraw
+
+    out = Image.new("RGB", (len(labels) * (width + pad) - pad, height), (255, 255, 255))
+    d = ImageDraw.Draw(out)
+    for i, text in enumerate(labels):
+        d.text((i * (width + pad) + 1, 1), text, fill=(0, 0, 0))
+    return out
+
+
+def colorbar(cmap: str, vmin: float, vmax: float, label: str, width: int = 384, height: int = 14) -> Image.Image:
+    """A legend for a colour scale: the colormap as a strip from ``vmin`` to ``vmax`` with its label."""
+    from PIL import ImageDraw
+
+    strip = colorize(np.tile(np.linspace(0, 1, width), (height, 1)), cmap, 0, 1)
+    out = Image.new("RGB", (width, height + 16), (255, 255, 255))
+    out.paste(Image.fromarray(strip, "RGB"), (0, 0))
+    d = ImageDraw.Draw(out)
+    d.text((0, height + 2), f"{vmin:g}", fill=(0, 0, 0))
+    right = f"{vmax:g}"
+    d.text((width - 6 * len(right) - 1, height + 2), right, fill=(0, 0, 0))
+    d.text((width // 2 - 3 * len(label), height + 2), label, fill=(0, 0, 0))
+    return out
+
+
+def swatches(colors: np.ndarray, clusters: list[int], per_row: int = 16, size: int = 24) -> Image.Image:
+    """A legend of cluster colours: a square per cluster with its index under it."""
+    from PIL import ImageDraw
+
+    rows = max(1, -(-len(clusters) // per_row))
+    out = Image.new("RGB", (per_row * (size + 4), rows * (size + 16)), (255, 255, 255))
+    d = ImageDraw.Draw(out)
+    for i, c in enumerate(clusters):
+        x, y = (i % per_row) * (size + 4), (i // per_row) * (size + 16)
+        d.rectangle((x, y, x + size - 1, y + size - 1), fill=tuple(int(v) for v in colors[c]))
+        d.text((x, y + size + 1), str(c), fill=(0, 0, 0))
     return out
 
 
