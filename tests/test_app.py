@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app.main as app
 import capi_lab
 from app import browser_check
 from capi_lab import explore as ex
+from capi_lab.explore import render as rd
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -41,11 +44,11 @@ def test_importing_the_app_loads_nothing_and_builds_in_a_function():
 
 def test_pca_view(wb):
     maps, comps, fig, status = app.pca_view(wb, PHOTOS[:3], 64, 3)
-    assert len(maps) == 3 and len(comps) == 3
-    pic, caption = maps[0]
-    assert _is_picture(pic) and "joint PCA" in caption
-    assert pic.width == 3 * 64 + 2 * 4  # image | own PCA | joint PCA, 4 px apart
-    assert comps[0][0].width == 3 * 64 + 2 * 4  # 3 components side by side
+    assert len(maps) == 6 and len(comps) == 3  # own and joint PCA per image
+    pic, caption = maps[1]
+    assert _is_picture(pic) and "joint PCA" in caption and "own PCA" in maps[0][1]
+    assert max(pic.size) == app.DISPLAY_SIDE  # readable: shown at 384 px, not at the model's 64
+    assert comps[0][0].width == 3 * 192 + 2 * 4  # 3 components side by side, 192 px each
     ev = fig.data[0].y
     assert len(ev) >= 3 and np.all(np.diff(ev) <= 1e-6) and 0 < sum(ev) <= 1 + 1e-6
     assert "3 image(s) at 64 px" in status
@@ -61,9 +64,11 @@ def test_joint_pca_colours_agree_across_images(wb):
 
 
 def test_clusters_view_with_and_without_balancing(wb):
-    maps, ents, gallery, status = app.clusters_view(wb, PHOTOS[:2], 64, False, 5)
+    maps, ents, gallery, legend, status = app.clusters_view(wb, PHOTOS[:2], 64, False, 5)
     assert len(maps) == 2 and len(ents) == 2 and 1 <= len(gallery) <= 5
-    assert all(_is_picture(p) for p, _ in maps + ents + gallery)
+    assert all(_is_picture(p) for p, _ in maps + ents + gallery) and _is_picture(legend)
+    assert all(max(p.size) >= app.DISPLAY_SIDE for p, _ in maps + ents)
+    assert "prototype similarity" in status
     assert "clustering head" in status and "softmax" in status
     *_, status_b = app.clusters_view(wb, PHOTOS[:2], 64, True, 5)
     assert "Sinkhorn-balanced" in status_b
@@ -78,7 +83,7 @@ def test_clusters_fall_back_to_kmeans_without_clustering_head(wb):
     backbone_only = capi_lab.CAPIModel(wb.model.config, student_head=False, clustering_head=False)
     backbone_only.load_state_dict(wb.model.state_dict(), strict=False)
     bare = app.Workbench(backbone_only, "authors-style backbone")
-    maps, _, gallery, status = app.clusters_view(bare, PHOTOS[:2], 64)
+    maps, _, gallery, _, status = app.clusters_view(bare, PHOTOS[:2], 64)
     assert "k-means" in status and "no clustering head" in status
     assert len(maps) == 2 and gallery
     with pytest.raises(ex.InputError, match="no student head"):
@@ -88,7 +93,7 @@ def test_clusters_fall_back_to_kmeans_without_clustering_head(wb):
 
 @pytest.mark.parametrize("strategy", app.STRATEGIES)
 def test_reconstruct_view(wb, strategy):
-    pics, status = app.reconstruct_view(wb, PHOTOS[:2], 1, 64, strategy, 0.5, False, 3)
+    pics, legend, status = app.reconstruct_view(wb, PHOTOS[:2], 1, 64, strategy, 0.5, False, 3)
     assert len(pics) == 5 and all(_is_picture(p) for p, _ in pics)
     assert PHOTOS[1].endswith(status.split("**")[1])  # the chosen image
     rec, _ = ex.reconstruct(wb.model, ex.load_images(PHOTOS[1:2])[0][0].image, 64, strategy, 0.5, False, 3)
@@ -119,7 +124,8 @@ def test_reconstruct_rejects_bad_settings(wb):
 
 
 def test_similarity_view_and_click_mapping(wb):
-    out, status = app.similarity_view(wb, PHOTOS[:3], 1, 2, 5, 64)
+    out, legend, status = app.similarity_view(wb, PHOTOS[:3], 1, 2, 5, 64)
+    assert _is_picture(legend) and "cosine" in status
     assert len(out) == 3 and "(query image)" in out[1][1]
     enc = wb.encode(ex.load_images(PHOTOS[:3])[0], 64)
     sims = ex.similarity_maps(enc, 1, 2, 5)
@@ -135,6 +141,104 @@ def test_model_panel(wb):
     text = wb.describe()
     for part in ("Source", "encoder 6 blocks × 192", "patch 8", "Parameters", "Training", "MODEL_CARD"):
         assert part in text
+
+
+# ------------------------------------------------------------------------------------ side by side
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, images):
+    """A run trained here: 6 steps of a small `tiny` with a snapshot every 2 steps, in runs/fmnist-like layout."""
+    from capi_lab.train import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny_run"
+    argv = ["--preset", "tiny", "--num-workers", "0", "--batch-size", "8", "--data", str(images), "--output-dir",
+            str(out), "--max-steps", "6", "--snapshot-every", "2", "--checkpoint-every", "2"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_side_by_side_views_show_both_models_on_the_same_images(wb, trained_run):
+    models = app.Models(wb)
+    other = models.get(str(trained_run / "checkpoints" / "last.ckpt"))
+    assert other is models.get(str(trained_run / "checkpoints" / "last.ckpt"))  # loaded once
+    assert models.get("") is wb and models.get("default") is wb
+    maps, comps, fig, status = app.pca_view(wb, PHOTOS[:2], 64, 3, 1.0, other)
+    assert len(maps) == 2 * 4 and [c.split(" · ")[0] for _, c in maps[:2]] == ["A", "B"]
+    assert "(8×8 patches)" in maps[0][1] and "(16×16 patches)" in maps[1][1]  # same image, each model's grid
+    assert maps[0][1].split(":")[0][4:] == maps[1][1].split(":")[0][4:] == "astronaut.jpg"
+    assert "A = `default`" in status and len(fig.data) == 4
+    cl_maps, ents, _, _, status = app.clusters_view(wb, PHOTOS[:2], 64, False, 5, 0.7, other)
+    assert len(cl_maps) == 4 and len(ents) == 4 and "B: " in status
+    # each side is the model's own view: B's map is what B alone shows
+    alone = app.clusters_view(other, PHOTOS[:2], 64, False, 5, 0.7)[0]
+    assert np.array_equal(np.asarray(cl_maps[1][0]), np.asarray(alone[0][0]))
+    items, _, status = app.reconstruct_view(wb, PHOTOS[:1], 0, 64, "block", 0.5, True, 0, other)
+    assert len(items) == 10 and "B: top-1" in status
+    sims, _, _ = app.similarity_view(wb, PHOTOS[:2], 0, 1, 1, 64, 0.7, other)
+    assert len(sims) == 4
+    with pytest.raises(capi_lab.pretrained.CheckpointError, match="does not exist"):
+        models.get(str(trained_run / "nope.ckpt"))
+
+
+def test_cluster_colours_follow_prototype_similarity(wb):
+    """Two prototypes that point the same way get the same colour in the maps, whatever their index."""
+    model = capi_lab.create_model("tiny", num_prototypes=16)
+    with torch.no_grad():
+        w = model.clustering_head.linear.weight
+        w[9] = w[2] * 3.0  # same direction, another length and index
+    colors = rd.similarity_palette(ex.prototypes(model))
+    assert (colors[9] == colors[2]).all()
+    assert np.abs(colors.astype(int) - colors[2].astype(int)).sum(1).tolist().count(0) == 2
+
+
+# ------------------------------------------------------------------------------------------ runs view
+def test_runs_view_reads_a_run_while_it_is_written(trained_run, tmp_path):
+    assert str(trained_run) in app.run_choices(trained_run.parent)
+    status, fig = app.run_view(str(trained_run))
+    assert "Step 6 of 6" in status and "prototypes used" in status and "last snapshot at step 6" in status
+    titles = {a.text for a in fig.layout.annotations}
+    assert {"CAPI loss (student vs teacher clusters)", "target entropy (nats)", "snapshot/pred_top1"} <= titles
+    items, text = app.snapshot_view(str(trained_run), 0, "predictor hits", 1.0)
+    assert "step 0" in text and len(items) == len(PHOTOS) and max(items[0][0].size) == app.DISPLAY_SIDE
+    last, _ = app.snapshot_view(str(trained_run), -1, "predictor hits", 1.0)
+    assert "step 6" in last[0][1]
+    # the step slider changes the picture: the clusters at step 0 and step 6 differ
+    a, _ = app.snapshot_view(str(trained_run), 0, "teacher clusters", 1.0)
+    b, _ = app.snapshot_view(str(trained_run), 3, "teacher clusters", 1.0)
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+    # a copy being written: a half line in both logs, a snapshot folder not there yet, no config
+    import shutil
+
+    live = tmp_path / "live"
+    shutil.copytree(trained_run, live)
+    (live / "config.yaml").unlink()
+    with (live / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 8, "capi_loss": 4.')
+    with (live / "snapshots" / "index.jsonl").open("a") as f:
+        f.write('{"step": 8, "folder": "step_0000008", "images": ["astronaut"]}\n')
+    status, _ = app.run_view(str(live))
+    assert "Step 6" in status
+    items, text = app.snapshot_view(str(live), -1)
+    assert items == [] and "missing pictures for astronaut" in text
+
+
+def test_runs_view_notes_instead_of_errors(tmp_path):
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    status, fig = app.run_view(str(empty))
+    assert "no metrics yet" in status and "no snapshots" in status and fig.layout.title.text == "no metrics yet"
+    assert "is not a folder" in app.run_view(str(tmp_path / "nope"))[0]
+    assert app.snapshot_view(str(empty), 0)[1] == "no snapshots in this run yet"
+    nan = tmp_path / "nan_run"
+    nan.mkdir()
+    lines = [{"step": s, "capi_loss": v, "clustering_loss": 1.0, "target_entropy": 0.5, "prototypes_used": 3}
+             for s, v in ((1, 4.0), (2, float("nan")), (3, float("nan")))]  # fmt: skip
+    (nan / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (nan / "config.yaml").write_text("max_steps: 10\nmodel:\n  num_prototypes: 64\n")
+    status, fig = app.run_view(str(nan))
+    assert "NaN/inf loss** at step 2" in status and "few prototypes in use" in status
+    assert any(t.name == "NaN" for t in fig.data)
+    with pytest.raises(ex.InputError, match="unknown map"):
+        app.snapshot_view(str(nan), 0, "edges")
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -158,7 +262,7 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
 def test_bad_files_are_named_and_skipped(wb, tmp_path):
     bad = _bad_files(tmp_path)
     maps, _, _, status = app.pca_view(wb, [PHOTOS[0], *map(str, bad.values())], 64)
-    assert len(maps) == 1  # the good photo still gets its picture
+    assert len(maps) == 2  # the good photo still gets its pictures (own and joint PCA)
     assert "notes.jpg: not an image" in status
     assert "truncated.jpg: a corrupt or truncated image" in status
     assert "empty.png: the file is empty" in status
@@ -182,7 +286,7 @@ def test_other_image_modes_are_converted(wb, tmp_path, mode):
     if mode == "I;16":  # rescaled, not clipped to white
         assert np.asarray(images[0].image).std() > 20
     maps, *_ , status = app.pca_view(wb, [str(path)], 64)  # fmt: skip
-    assert len(maps) == 1 and "converted" in status
+    assert len(maps) == 2 and "converted" in status
 
 
 def test_huge_image_is_downscaled(wb, tmp_path):
@@ -192,7 +296,7 @@ def test_huge_image_is_downscaled(wb, tmp_path):
     assert max(images[0].image.size) <= ex.MAX_INPUT_SIDE
     assert "12000x9000 px downscaled" in notes[0]
     maps, *_ = app.pca_view(wb, [str(path)], 64)
-    assert maps[0][0].height == 48  # 4:3 at 64 px longer side
+    assert maps[0][0].size == (384, 288)  # 4:3 at 64 px longer side (8x6 patches), shown at 384 px
 
 
 def test_too_many_images_and_oversized_files(wb, tmp_path):
@@ -279,7 +383,7 @@ def test_real_browser(served, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_text("not an image")
     r = browser_check.drive_app(url, PHOTOS[:2], tmp_path, bad_file=str(bad))
-    assert r["images"] == {"pca": 2, "clusters": 2, "reconstruct": 5, "similarity": 2}
+    assert r["images"] == {"pca": 4, "clusters": 2, "reconstruct": 5, "similarity": 2}  # own + joint PCA per photo
     assert all(Path(p).stat().st_size > 5000 for p in r["screenshots"].values())
     assert "Top-1 agreement" in r["status"]["reconstruct"]
     assert "(row 0, col 0)" not in r["status"]["similarity_click"]  # the click chose another patch

@@ -120,7 +120,9 @@ def header(labels: list[str], width: int, pad: int = 4, height: int = 14) -> Ima
     return out
 
 
-def colorbar(cmap: str, vmin: float, vmax: float, label: str, width: int = 384, height: int = 14) -> Image.Image:
+def colorbar(
+    cmap: str, vmin: float | int, vmax: float | int, label: str, width: int = 384, height: int = 14
+) -> Image.Image:
     """A legend for a colour scale: the colormap as a strip from ``vmin`` to ``vmax`` with its label."""
     from PIL import ImageDraw
 
@@ -178,11 +180,17 @@ def cluster_map(enc: Encoded, assign: np.ndarray, colors: np.ndarray, alpha: flo
 
 
 def cluster_gallery(
-    encoded: list[Encoded], clusters: ClusterResult, top: int = 12, per_cluster: int = 16, tile: int = 40
+    encoded: list[Encoded],
+    clusters: ClusterResult,
+    top: int = 12,
+    per_cluster: int = 16,
+    tile: int = 40,
+    colors: np.ndarray | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """For the ``top`` most used clusters: a mosaic of their most confident patches across all images
-    (each patch cut from the picture, bordered in the cluster's colour), with a caption."""
-    colors = palette(clusters.usage, clusters.num_clusters)
+    (each patch cut from the picture, bordered in the cluster's colour), with a caption. ``colors``: the
+    cluster colours (default: :func:`similarity_palette` of the clusters' centres)."""
+    colors = similarity_palette(clusters.centers) if colors is None else colors
     out = []
     for cluster, count in clusters.usage[:top]:
         found = []
