@@ -27,6 +27,7 @@ line per logged step. A resumed run cuts the index back to its step. Cost: ~0.1 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ from capi_lab.explore import render as rd
 from capi_lab.explore.pca import pca_basis, pca_rgb
 from capi_lab.masking import sample_mask
 from capi_lab.model.capi import CAPIModel
+
+log = logging.getLogger("capi_lab.train")  # shown with the training log
 
 SNAPSHOTS_PER_RUN = 20
 """Snapshots a run takes by default (besides the one at step 0): every ``ceil(max_steps / 20)`` steps."""
@@ -158,6 +161,10 @@ class Snapshotter:
             model.train(was_training)
         recs = [r for r, _, _ in results]
         feats = [f for _, f, _ in results]
+        if not all(bool(torch.isfinite(f).all()) and bool(torch.isfinite(lg).all()) for _, f, lg in results):
+            # a diverged model (the NaN guard stops the run a step or two later): nothing worth a picture
+            log.warning("snapshot at step %d skipped: the teacher's features are NaN/inf", step)
+            return {}
         joint = [m.numpy() for m in pca_rgb(feats, joint=True)]
         flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
         _, _, ratio = pca_basis(flat, min(3, *flat.shape))

@@ -170,7 +170,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     assert capi_lab.load_pretrained(tmp_path / "last.ckpt") is not None
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch, capsys, caplog):
     real = train.student_step
     calls = {"n": 0}
 
@@ -188,6 +188,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "NaN/inf for 3 steps in a row (steps 5-7)" in err and "last.ckpt" in err
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 4
+    # snapshots (every step here) stop at the last finite teacher; the diverged ones are skipped, not fatal
+    from capi_lab.snapshots import read_index
+
+    steps = [r["step"] for r in read_index(out)]
+    assert steps[:5] == [0, 1, 2, 3, 4] and max(steps) < 7
+    assert "snapshot at step" in caplog.text and "NaN/inf" in caplog.text
 
 
 def _write_bad_folder(root: Path) -> None:
