@@ -162,7 +162,7 @@ class OptimConfig:
     target_temp: float = 0.06
     """Temperature of the teacher logits fed to Sinkhorn-Knopp."""
     sinkhorn_iters: int = 3
-    """Sinkhorn-Knopp iterations."""
+    """Sinkhorn-Knopp iterations; 0: no balancing, plain softmax targets (collapses: an ablation, Table 1(i))."""
     sinkhorn_positionwise: bool = True
     """Balance prototypes per position across the batch (the paper's default) instead of globally."""
 
@@ -174,7 +174,9 @@ class OptimConfig:
         _check(0.0 < self.truncate <= 1.0, f"optim.truncate must be in (0, 1], got {self.truncate}")
         _check(0.0 <= self.momentum_peak <= 1.0, f"optim.momentum_peak must be in [0, 1], got {self.momentum_peak}")
         _check(self.student_temp > 0 and self.target_temp > 0, "optim.student_temp and optim.target_temp must be > 0")
-        _check(self.sinkhorn_iters >= 1, f"optim.sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
+        _check(
+            self.sinkhorn_iters >= 0, f"optim.sinkhorn_iters must be >= 0 (0: no balancing), got {self.sinkhorn_iters}"
+        )
         _check(len(self.betas) == 2, f"optim.betas must have two values, got {self.betas}")
 
 

@@ -79,6 +79,8 @@ def clustering_outputs(
     :func:`teacher_step`; ``eager`` and ``potentials`` pair the targets with the clustering loss written for
     that setting (a custom autograd function in blocks, or the plain form a compiler fuses)."""
     impl = check_impl(impl or default_impl(logits.device, torch.compiler.is_compiling()))
+    if impl == "fused" and sinkhorn_iters == 0:  # unbalanced softmax targets: not what the kernels are for
+        impl = "potentials" if torch.compiler.is_compiling() else "eager"
     if impl == "fused":
         return TeacherOutput(
             *fused_clustering.teacher_outputs(

@@ -168,6 +168,7 @@ def teacher_targets(
 ) -> Float[Tensor, "b n k"]:
     """Soft cluster assignments of every patch token from clustering-head logits ``[images, positions, K]``:
     each token's row sums to 1; per position, prototypes get even mass across the (global) batch.
+    ``n_iter=0``: no balancing at all, the plain softmax (what collapses; for ablations only).
     ``impl`` is ``eager`` or ``potentials`` (default: ``potentials`` inside torch.compile, else ``eager``; the
     ``fused`` kernels compute the loss with the targets, see :func:`capi_lab.losses.clustering_outputs`). The
     ``eager`` result carries no gradient (the method uses it as a target)."""
@@ -176,6 +177,8 @@ def teacher_targets(
         raise ValueError("the fused kernels return targets with the loss: call capi_lab.losses.clustering_outputs")
     z = logits.float() / temperature  # a new tensor, which the eager form balances in place
     b, n, k = z.shape
+    if n_iter == 0:  # no balancing: the head's own softmax (the collapse ablation, Table 1(i))
+        return torch.softmax(z if impl == "potentials" else z.detach(), dim=-1)
     if not positionwise:  # one axis of all tokens (of all images and ranks) to balance over
         z = z.reshape(b * n, 1, k)
     if impl == "potentials":

@@ -209,3 +209,17 @@ def test_implementations_are_chosen_explicitly():
         teacher_targets(torch.randn(2, 3, 4), impl="exp")
     with pytest.raises(ValueError, match="clustering_outputs"):
         teacher_targets(torch.randn(2, 3, 4), impl="fused")
+
+
+@pytest.mark.parametrize("impl", ["eager", "potentials", "fused"])
+def test_zero_iterations_is_the_unbalanced_softmax(impl):
+    """``sinkhorn_iters=0`` (the collapse ablation): the targets are the head's softmax at the target temperature,
+    whatever the implementation asked for (the fused kernels hand it to the eager form)."""
+    from capi_lab.losses import clustering_outputs
+
+    logits = torch.randn(3, 5, 8)
+    logits[..., 0] += 2.0  # one favoured prototype, which balancing would have pushed back
+    out = clustering_outputs(logits, None, 0.06, 0.12, 0, True, impl)
+    torch.testing.assert_close(out.targets, torch.softmax(logits / 0.06, -1))
+    balanced = clustering_outputs(logits, None, 0.06, 0.12, 3, True, "eager" if impl == "fused" else impl)
+    assert out.targets[..., 0].mean() > 2 * balanced.targets[..., 0].mean()
