@@ -222,6 +222,24 @@ def record_resume(out_dir: Path, path: Path, ck: dict[str, Any], changes: dict[s
         f.write(json.dumps(row, default=str) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a metrics-style JSON-lines file that have an integer ``step``; a line cut in half by a running
+    writer (or damaged) is skipped, and a missing or unreadable file is no rows."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            out.append(row)
+    return out
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the lines of ``metrics.jsonl`` up to ``step`` (the resumed one; 0 for a new run), so that after a
     kill and resume it still holds one line per logged step."""

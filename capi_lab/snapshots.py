@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from capi_lab import explore as ex
+from capi_lab.checkpoint import read_jsonl, truncate_metrics
 from capi_lab.config import ConfigError, MaskConfig
 from capi_lab.data import to_input
 from capi_lab.explore import render as rd
@@ -146,8 +147,6 @@ class Snapshotter:
 
     def truncate(self, step: int) -> None:
         """Drop the index lines after ``step`` (a resumed run writes them again)."""
-        from capi_lab.checkpoint import truncate_metrics
-
         truncate_metrics(self.root / "index.jsonl", step)
 
     @torch.inference_mode()
@@ -236,16 +235,6 @@ def agreement_map(rec: ex.Reconstruction) -> np.ndarray:
 
 def read_index(run_dir: str | Path) -> list[dict]:
     """The snapshots of a run folder, oldest first; a line cut by a running writer is skipped."""
-    path = Path(run_dir) / "snapshots" / "index.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "step" in rec and "folder" in rec:
-            out.append(rec)
-    by_step = {r["step"]: r for r in out}  # a snapshot rewritten after a resume: the newest line wins
+    rows = [r for r in read_jsonl(Path(run_dir) / "snapshots" / "index.jsonl") if "folder" in r]
+    by_step = {r["step"]: r for r in rows}  # a snapshot rewritten after a resume: the newest line wins
     return [by_step[s] for s in sorted(by_step)]

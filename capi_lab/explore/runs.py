@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from capi_lab.checkpoint import read_jsonl
 from capi_lab.command_line import read_yaml
 from capi_lab.explore import render as rd
 from capi_lab.snapshots import read_index
@@ -33,24 +34,6 @@ CURVES = {
 LIVE_SECONDS = 120
 """A run whose metrics changed this recently is shown as still training."""
 MAP_KINDS = {"joint PCA": "pca", "teacher clusters": "clusters", "predictor hits": "predict"}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line being written, or damaged
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            out.append(row)
-    return out
 
 
 def list_runs(root: str | Path) -> list[Path]:
@@ -102,7 +85,7 @@ def open_run(path: str | Path) -> Run:
     if not path.is_dir():
         run.notes.append(f"{path} is not a folder; pick a run folder (one written by `python -m capi_lab.train`)")
         return run
-    run.metrics = _read_jsonl(path / "metrics.jsonl")
+    run.metrics = read_jsonl(path / "metrics.jsonl")
     run.snapshots = read_index(path)
     ck = path / "checkpoints"
     if ck.is_dir():
