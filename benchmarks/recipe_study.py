@@ -95,56 +95,20 @@ def train(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Path, 
     return out, time.perf_counter() - t0
 
 
-def initial_model(run_dir: Path, seed: int):
-    """The run's teacher before its first update: the student's initial backbone (``build_trainer`` seeds, then
-    builds the student first; the teacher copies its backbone)."""
-    import torch
-
-    from capi_lab.config import CAPIConfig
-    from capi_lab.model.capi import CAPIModel
-    from capi_lab.pretrained import read_checkpoint
-
-    cfg = CAPIConfig.from_dict(read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["config"])
-    torch.manual_seed(seed)
-    model = CAPIModel(cfg.model, student_head=True, clustering_head=False)
-    model.image_size = cfg.image_size
-    return model.eval()
-
-
-def evaluate(model, splits, linear: bool) -> dict[str, float]:
-    from capi_lab.evaluation import knn_accuracy, linear_accuracy
-    from capi_lab.features import extract_features
-
-    size = model.image_size
-    tr, te = (
-        extract_features(model, s, size, 256, pool_patches=True, progress=False) for s in (splits.train, splits.test)
-    )
-    y_tr, y_te = splits.train_labels, splits.test_labels
-    out = {
-        "knn_global": knn_accuracy(tr.global_repr, y_tr, te.global_repr, y_te, 20, 0.07),
-        "knn_mean_patch": knn_accuracy(tr.mean_patch, y_tr, te.mean_patch, y_te, 20, 0.07),
-    }
-    if linear:
-        out["linear_global"] = linear_accuracy(tr.global_repr, y_tr, te.global_repr, y_te)
-    return {k: round(100 * v, 2) for k, v in out.items()}
-
-
 def final_metrics(run_dir: Path, batch_size: int) -> dict[str, float]:
     """The last logged training metrics, and the loop's time from the logged images/s (startup excluded)."""
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = logged[-1]
-    out = {k: round(last[k], 3) for k in ("capi_loss", "clustering_loss", "target_entropy", "prototypes_used")}
-    seconds, prev = 0.0, 0
-    for r in logged:
-        seconds += (r["step"] - prev) * batch_size / r["images_per_s"]
-        prev = r["step"]
-    return {**out, "loop_seconds": round(seconds, 1)}
+    from capi_lab.ablate import loop_seconds, read_curves
+
+    curves = read_curves(run_dir)
+    out = {k: round(curves[k][-1], 3) for k in ("capi_loss", "clustering_loss", "target_entropy", "prototypes_used")}
+    return {**out, "loop_seconds": loop_seconds(curves, batch_size)}
 
 
 def run_study(args: argparse.Namespace) -> None:
     import torch
 
     from capi_lab import load_pretrained
+    from capi_lab.ablate import initial_model, knn_scores
     from capi_lab.evaluation.datasets import load_labeled
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -167,9 +131,9 @@ def run_study(args: argparse.Namespace) -> None:
                "flags": " ".join(flags), "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "compile": args.compile,
                "command_seconds": round(seconds, 1)}  # fmt: skip
-        trained = load_pretrained(run_dir / "checkpoints" / "last.ckpt")
-        row.update(evaluate(trained, splits, args.linear))
-        row.update({f"init_{k}": v for k, v in evaluate(initial_model(run_dir, args.seed), splits, False).items()})
+        last = run_dir / "checkpoints" / "last.ckpt"
+        row.update(knn_scores(load_pretrained(last), splits, args.linear))
+        row.update({f"init_{k}": v for k, v in knn_scores(initial_model(last, args.seed), splits).items()})
         row.update(final_metrics(run_dir, args.batch_size))
         row["gain_knn_global"] = round(row["knn_global"] - row["init_knn_global"], 2)
         print(json.dumps(row), flush=True)

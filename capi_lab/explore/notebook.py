@@ -100,3 +100,18 @@ def labeled_images(n: int, split: str = "train", seed: int = 0):
     arr = np.stack([np.asarray(i) for i in imgs])
     labels = (arr.mean(axis=(1, 2)).argmax(-1)).astype(np.int64)  # dominant colour channel as a label
     return ArrayImages(arr, labels, "generated"), labels, ["red", "green", "blue"], "generated"
+
+
+def study(name: str, **protocol):
+    """A study of :mod:`capi_lab.ablate`: run in full mode (its run folders under ``runs/ablate``, so a rerun
+    reuses the finished rows), or the committed full-mode result in smoke mode and when Fashion-MNIST is absent."""
+    from capi_lab import ablate
+    from capi_lab.data import FASHION_MNIST_DIR
+
+    if not SMOKE and FASHION_MNIST_DIR.exists():
+        return ablate.run(name, ablate.Protocol(**protocol), out="runs/ablate")
+    why = "smoke mode" if SMOKE else "note: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
+    result = ablate.cached(name)
+    print(f"{why}: showing the committed full-mode result ({ablate.RESULTS_DIR / f'ablate_{name}.json'}, made by "
+          f"python -m capi_lab.ablate {name})")  # fmt: skip
+    return result
