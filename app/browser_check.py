@@ -5,6 +5,7 @@ run every view, wait for its output images, take screenshots. Used by the browse
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -32,24 +33,37 @@ def chromium_path() -> str | None:
     return str(p) if p.exists() else shutil.which("chromium")
 
 
+LOCAL = ("http://127.0.0.1", "http://localhost", "data:", "blob:", "ws://127.0.0.1")
+
+
+@contextlib.contextmanager
+def _open_app(url: str, external: list[str], height: int, timeout_ms: int):
+    """A headless Chromium page on the app at ``url``, loaded; every request that leaves this machine is
+    appended to ``external``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": height})
+        page.on("request", lambda r: None if r.url.startswith(LOCAL) else external.append(r.url))
+        page.goto(url)
+        page.wait_for_selector("text=what a CAPI model sees", timeout=timeout_ms)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
 def drive_app(
     url: str, photos: list[str], out_dir: str | Path, bad_file: str | None = None, timeout_ms: int = 60_000
 ) -> dict:
     """Run every view at ``url`` on ``photos``; returns the screenshots taken, the text of each view's
     status, the number of output images per view, requests that left this machine, and (with
     ``bad_file``) the error message the UI showed for it."""
-    from playwright.sync_api import sync_playwright
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"screenshots": {}, "status": {}, "images": {}, "external_requests": []}
-    local = ("http://127.0.0.1", "http://localhost", "data:", "blob:", "ws://127.0.0.1")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("request", lambda r: None if r.url.startswith(local) else result["external_requests"].append(r.url))
-        page.goto(url)
-        page.wait_for_selector("text=what a CAPI model sees", timeout=timeout_ms)
+    with _open_app(url, result["external_requests"], 900, timeout_ms) as page:
         page.locator("input[type=file]").first.set_input_files(photos)
         page.get_by_text(Path(photos[-1]).stem).first.wait_for(timeout=timeout_ms)
         for key, (tab, button, gallery, status) in VIEWS.items():
@@ -87,5 +101,65 @@ def drive_app(
             toast.wait_for(timeout=timeout_ms)
             result["error_message"] = toast.inner_text()
             page.screenshot(path=str(out / "app_error.png"))
-        browser.close()
+    return result
+
+
+def drive_runs(url: str, photos: list[str], out_dir: str | Path, timeout_ms: int = 60_000) -> dict:
+    """The Runs view at ``url`` (its runs folder holding one trained run with snapshots): wait for the newest
+    snapshot, move the step slider to the first one and see the pictures change, then send the run's checkpoint
+    to model B and show the PCA view of ``photos`` side by side. Returns the screenshots, the snapshot status
+    before and after the slider moved, the first picture's address before and after, whether the curves were
+    drawn, the PCA status and image count with model B, and requests that left this machine."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"screenshots": {}, "external_requests": []}
+    first_src = "() => document.querySelector('#snap-gallery img')?.getAttribute('src')"
+    with _open_app(url, result["external_requests"], 1400, timeout_ms) as page:
+        page.get_by_role("tab", name="Runs").click()
+        page.locator("#snap-gallery img").first.wait_for(timeout=timeout_ms)
+        page.wait_for_function(
+            "() => document.querySelector('#snap-status').innerText.includes('step')", timeout=timeout_ms
+        )
+        page.wait_for_load_state("networkidle")
+        result["curves_drawn"] = page.locator("#run-plot .js-plotly-plot").count() > 0
+        result["snapshot_status_newest"] = page.locator("#snap-status").inner_text()
+        result["first_picture_newest"] = page.evaluate(first_src)
+        shot = out / "app_runs.png"
+        page.locator("#tab-runs").screenshot(path=str(shot))
+        result["screenshots"]["runs"] = shot
+        # the step slider: a click at the far left of its track releases it at the first snapshot (step 0)
+        track = page.locator("#snap-slider input[type=range]")
+        box = track.bounding_box()
+        track.click(position={"x": 1, "y": box["height"] / 2})
+        page.wait_for_function(
+            "() => document.querySelector('#snap-status').innerText.includes('snapshot 1 of')", timeout=timeout_ms
+        )
+        page.wait_for_function(f"prev => ({first_src})() !== prev", arg=result["first_picture_newest"],
+                               timeout=timeout_ms)  # fmt: skip
+        page.wait_for_load_state("networkidle")
+        result["snapshot_status_first"] = page.locator("#snap-status").inner_text()
+        result["first_picture_first"] = page.evaluate(first_src)
+        shot = out / "app_runs_step0.png"
+        page.locator("#tab-runs").screenshot(path=str(shot))
+        result["screenshots"]["runs_step0"] = shot
+        # the run's checkpoint as model B, then a view side by side
+        page.get_by_role("button", name="Compare with it (model B)").click()
+        page.wait_for_function("() => document.querySelector('#model-b textarea, #model-b input').value !== ''",
+                               timeout=timeout_ms)  # fmt: skip
+        result["model_b"] = page.locator("#model-b textarea, #model-b input").first.input_value()
+        page.locator("input[type=file]").first.set_input_files(photos)
+        page.get_by_text(Path(photos[-1]).stem).first.wait_for(timeout=timeout_ms)
+        tab, button, gallery, status = VIEWS["pca"]
+        page.get_by_role("tab", name=tab).click()
+        page.get_by_role("button", name=button, exact=True).click()
+        page.wait_for_function(
+            "() => document.querySelector('#pca-status').innerText.includes('Side by side')", timeout=timeout_ms
+        )
+        page.locator(f"#{gallery} img").first.wait_for(timeout=timeout_ms)
+        page.wait_for_load_state("networkidle")
+        result["side_by_side_status"] = page.locator(f"#{status}").inner_text()
+        result["side_by_side_images"] = page.locator(f"#{gallery} img").count()
+        shot = out / "app_side_by_side.png"
+        page.locator("#tab-pca").screenshot(path=str(shot))
+        result["screenshots"]["side_by_side"] = shot
     return result

@@ -356,7 +356,7 @@ def test_eight_concurrent_api_clients(served):
     def call(i):
         photo = handle_file(PHOTOS[i % len(PHOTOS)])
         if i % 4 == 0:
-            return client.predict([photo], 64, 3, api_name="/pca")
+            return client.predict(images=[photo], resolution=64, components=3, api_name="/pca")  # as the README
         if i % 4 == 1:
             return client.predict([photo], 64, False, 6, api_name="/clusters")
         if i % 4 == 2:
@@ -388,6 +388,30 @@ def test_real_browser(served, tmp_path):
     assert "Top-1 agreement" in r["status"]["reconstruct"]
     assert "(row 0, col 0)" not in r["status"]["similarity_click"]  # the click chose another patch
     assert "broken.jpg: not an image" in r["error_message"]
+    assert r["external_requests"] == []
+
+
+def test_real_browser_runs_view_and_side_by_side(wb, trained_run, tmp_path):
+    """Headless Chromium on the Runs view of a run trained here: the curves are drawn, the step slider moves the
+    pictures from the newest snapshot to step 0, and the run's checkpoint shows next to the app's model."""
+    if browser_check.chromium_path() is None:
+        if os.environ.get("CI") or os.environ.get("CAPI_LAB_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is missing: `apt-get install chromium` (the CI set-up does this)")
+        pytest.skip("no Chromium here: `apt-get install chromium` to run the browser test")
+    run_dir = trained_run
+    demo = app.build_demo(wb, runs_dir=str(run_dir.parent))
+    demo.queue().launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs(port=None))
+    try:
+        r = browser_check.drive_runs(demo.local_url, PHOTOS[:1], tmp_path / "shots")
+    finally:
+        demo.close()
+    assert r["curves_drawn"]
+    assert "snapshot 4 of 4: step 6" in r["snapshot_status_newest"]
+    assert "snapshot 1 of 4: step 0" in r["snapshot_status_first"]
+    assert r["first_picture_first"] != r["first_picture_newest"]
+    assert Path(r["model_b"]).name == "last.ckpt" and Path(r["model_b"]).parent.parent == run_dir
+    assert "Side by side" in r["side_by_side_status"] and r["side_by_side_images"] == 4  # A and B, own + joint
+    assert all(Path(p).stat().st_size > 5000 for p in r["screenshots"].values())
     assert r["external_requests"] == []
 
 
