@@ -167,3 +167,13 @@ def test_loop_throughput_reads_the_same_images_as_shards_and_as_a_folder(tmp_pat
     assert all(r["loader_images_per_s"] > 0 and len(r["loader_images_per_s_runs"]) == 2 for r in rows)
     manifest = json.loads((tmp_path / "shards_jpegs" / "shards.json").read_text())
     assert manifest["images"] == 48 and len(manifest["shardlist"]) > 1  # the same 48 JPEGs, in several shards
+
+
+def test_snapshot_cost_prints_the_share_of_the_run():
+    r = _run_on_cpu("benchmarks/snapshot_cost.py", "--steps", "3", "--snapshots", "2", "--max-steps", "40")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["interval"] == 2 and row["snapshots"] == 21  # step 0 and every 2nd of 40
+    assert row["step_s_median"] > 0 and row["snapshot_s_median"] > 0 and row["probe_images"] == 7
+    share = row["snapshots"] * row["snapshot_s_median"] / (40 * row["step_s_median"])
+    assert abs(row["snapshot_share_of_run"] - share) < 1e-3
