@@ -43,7 +43,7 @@ def test_every_row_is_a_valid_training_command(tmp_path):
     assert seen["softmax (no balancing)"].optim.sinkhorn_iters == 0
     assert not seen["standard Sinkhorn"].optim.sinkhorn_positionwise
     assert seen["position-wise Sinkhorn"].optim.sinkhorn_positionwise
-    assert seen["1024"].model.num_prototypes == 1024
+    assert seen["256"].model.num_prototypes == 256
 
 
 def test_a_study_on_a_sliver_of_the_protocol(tmp_path, capsys):

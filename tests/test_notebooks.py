@@ -61,6 +61,7 @@ def test_runs_in_smoke_mode(path, monkeypatch):
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)  # interactive figures
 
 
+@pytest.mark.slow  # the whole notebook a second time (80 s); CI runs it in its slow tier
 @pytest.mark.parametrize("stem", ["03_prototypes", "04_training_dynamics"])
 def test_falls_back_without_default_model_or_fashion_mnist(stem, monkeypatch):
     """With the default model's file and Fashion-MNIST both missing, the notebook prints a note and runs on

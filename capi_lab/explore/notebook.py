@@ -103,13 +103,16 @@ def labeled_images(n: int, split: str = "train", seed: int = 0):
 
 
 def study(name: str, **protocol):
-    """A study of :mod:`capi_lab.ablate`: run in full mode (its run folders under ``runs/ablate``, so a rerun
-    reuses the finished rows), or the committed full-mode result in smoke mode and when Fashion-MNIST is absent."""
+    """A study of :mod:`capi_lab.ablate`: run in full mode (its run folders under ``runs/ablate``, or
+    ``$CAPI_LAB_ABLATE_DIR``, so a rerun reuses the finished rows), or the committed full-mode result in smoke mode
+    and when Fashion-MNIST is absent."""
     from capi_lab import ablate
     from capi_lab.data import FASHION_MNIST_DIR
 
     if not SMOKE and FASHION_MNIST_DIR.exists():
-        return ablate.run(name, ablate.Protocol(**protocol), out="runs/ablate")
+        out = os.environ.get("CAPI_LAB_ABLATE_DIR", "runs/ablate")
+        print(f"training the {name} study's rows under {out}/{name}/ (finished rows are reused)")
+        return ablate.run(name, ablate.Protocol(**protocol), out=out)
     why = "smoke mode" if SMOKE else "note: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
     result = ablate.cached(name)
     print(f"{why}: showing the committed full-mode result ({ablate.RESULTS_DIR / f'ablate_{name}.json'}, made by "
