@@ -204,20 +204,18 @@ def loop_seconds(curves: dict[str, list], batch_size: int) -> float:
     return round(seconds, 1)
 
 
-def run_variant(variant: Variant, protocol: Protocol, out_dir: Path, log: Path | None = None) -> dict[str, Any]:
+def run_variant(variant: Variant, protocol: Protocol, out_dir: Path) -> dict[str, Any]:
     """Train one row (or reuse its finished run folder) and return its training curves and time; the trainer's
-    printed output goes to ``log`` (its progress bar stays on stderr)."""
+    printed output goes to ``out_dir/train.log`` (its progress bar stays on stderr)."""
     from capi_lab import train
 
-    argv = train_command(variant, protocol, out_dir)
+    log = out_dir / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(log.open("a"))))
-        code = train.main(argv)
+    with log.open("a") as f, contextlib.redirect_stdout(f):
+        code = train.main(train_command(variant, protocol, out_dir))
     if code != 0:
-        raise RuntimeError(f"{variant.name}: training stopped with exit code {code} (see {log or 'the output above'})")
+        raise RuntimeError(f"{variant.name}: training stopped with exit code {code} (see {log})")
     curves = read_curves(out_dir)
     seconds = round(time.perf_counter() - t0, 1)
     return {"train_seconds": seconds, "loop_seconds": loop_seconds(curves, protocol.batch_size), "curves": curves}
@@ -247,7 +245,7 @@ def run(
     for v in variants:
         run_dir = root / f"{slug(v.name)}_{p.steps}x{p.batch_size}_seed{p.seed}"
         row: dict[str, Any] = {"name": v.name, "flags": " ".join(v.flags), "paper": v.paper}
-        row.update(run_variant(v, p, run_dir, log=run_dir / "train.log"))
+        row.update(run_variant(v, p, run_dir))
         row.update(knn_scores(load_pretrained(run_dir / "checkpoints" / "last.ckpt"), splits))
         row.update({k: row["curves"][k][-1] for k in HEALTH})
         if not result.before_training:
@@ -318,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.list or args.study is None:
         for name, s in STUDIES.items():
-            print(f"{name}: {s.title} ({s.reference})")
+            print(f"{name}: {s.title} ({s.reference})\n    {s.why}")
             for v in s.variants:
                 print(f"    {v.name:26s} {' '.join(v.flags) or '(the preset)':60s} paper: {v.paper}")
         return 0
