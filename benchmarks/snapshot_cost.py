@@ -8,7 +8,8 @@ Times the real step (capi_lab.train.train_step on a synthetic batch already on t
 (Snapshotter.__call__ on the bundled probe photos: teacher forward, predictor on a fixed mask, PCA, PNGs, numbers),
 each as the median of repeated calls after a warm-up, and prints one JSON line: both medians, the default interval
 for --max-steps (capi_lab.snapshots.snapshot_interval), and the share of the run's time the snapshots take,
-``snapshots * snapshot_s / (max_steps * step_s)`` (the step-0 snapshot included).
+``(snapshots * snapshot_s + overview_s) / (max_steps * step_s)`` (the step-0 snapshot included; ``overview_s``
+is the extra time of the last snapshot, which also draws ``overview.png``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     p.add_argument("--data-size", dest="image_size", type=int, default=32, help="training resolution (default 32)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-steps", type=int, default=150, help="the run the default interval is for")
-    p.add_argument("--snapshot-every", type=int, default=None, help="default: 20 per run")
+    p.add_argument("--snapshot-every", type=int, default=None, help="default: 20 per run, at least 50 steps apart")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
@@ -70,6 +71,9 @@ def main() -> None:
         snap = Snapshotter(tmp, None, cfg.image_size, cfg.model.patch_size, cfg.mask, 0)
         snaps = timed(lambda i: snap(tr.teacher, i), args.snapshots, 1)
         probes = len(snap.names)
+        # the last snapshot of a run also draws overview.png: timed once, added once
+        last = timed(lambda i: snap(tr.teacher, args.snapshots + i, with_overview=True), 3, 0)
+        overview_s = max(statistics.median(last) - statistics.median(snaps), 0.0)
     interval = snapshot_interval(args.snapshot_every, args.max_steps)
     n_snap = 1 + math.ceil(args.max_steps / interval) if interval else 0  # step 0, every interval, the end
     step_s, snap_s = statistics.median(steps), statistics.median(snaps)
@@ -78,8 +82,8 @@ def main() -> None:
         "compile": args.compile, "threads": torch.get_num_threads(), "probe_images": probes,
         "step_s_median": round(step_s, 4), "snapshot_s_median": round(snap_s, 4),
         "snapshot_s_min_max": [round(min(snaps), 4), round(max(snaps), 4)],
-        "max_steps": args.max_steps, "interval": interval, "snapshots": n_snap,
-        "snapshot_share_of_run": round(n_snap * snap_s / (args.max_steps * step_s), 4),
+        "overview_s": round(overview_s, 4), "max_steps": args.max_steps, "interval": interval, "snapshots": n_snap,
+        "snapshot_share_of_run": round((n_snap * snap_s + overview_s) / (args.max_steps * step_s), 4),
         "snapshot_over_interval": round(snap_s / (interval * step_s), 4) if interval else 0.0,
     }))  # fmt: skip
 

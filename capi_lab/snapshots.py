@@ -4,8 +4,8 @@
     python -m capi_lab.train ... --snapshot-every 50 --snapshot-images my_probe_photos/
     python -m capi_lab.train ... --snapshot-every 0                                          # off
 
-Each snapshot is a folder ``DIR/snapshots/step_0000300/`` with, for every probe image, three maps at the
-training resolution (blown up with sharp patch edges, not blended with the photo, so a viewer can lay them over
+Each snapshot is a folder ``DIR/snapshots/step_0000300/`` with, for every probe image, three maps at the patch
+grid (one pixel a patch: tiny files that a viewer blows up with sharp patch edges and lays over
 ``DIR/snapshots/images/NAME.png`` at any opacity):
 
 * ``pca_NAME.png`` — the joint PCA of the teacher's patch tokens over all probe images (one colour, one meaning,
@@ -16,12 +16,13 @@ training resolution (blown up with sharp patch edges, not blended with the photo
   patch green when the predictor's top cluster is the teacher's, yellow when the teacher's is in its top 5, red
   otherwise; visible patches grey;
 
-plus ``overview.png`` (all of them in one picture), ``numbers.npz`` (the arrays behind the maps) and
-``snapshot.json`` (per image: predictor top-1/top-5 agreement, clusters used, mean assignment entropy; the joint
-PCA's explained variance). ``DIR/snapshots/index.jsonl`` has one line per snapshot with the aggregates
-(``snapshot/pred_top1`` ...), which also go to the run's loggers (TensorBoard, CSV); ``metrics.jsonl`` keeps one
-line per logged step. A resumed run cuts the index back to its step. Cost: ~0.1 s a snapshot for ``tiny`` on a
-2-core CPU (benchmarks/snapshot_cost.py).
+plus ``numbers.npz`` (the arrays behind the maps) and ``snapshot.json`` (per image: predictor top-1/top-5
+agreement, clusters used, mean assignment entropy; the joint PCA's explained variance); the run's last snapshot
+also gets ``overview.png`` (all of them in one picture; :func:`overview` draws it for any snapshot).
+``DIR/snapshots/index.jsonl`` has one line per snapshot with the aggregates (``snapshot/pred_top1`` ...), which
+also go to the run's loggers (TensorBoard, CSV); ``metrics.jsonl`` keeps one line per logged step. A resumed run
+cuts the index back to its step. By default a run snapshots at step 0, every :func:`snapshot_interval` steps and
+at its end; a snapshot of ``tiny`` costs ~0.05 s on a 2-core CPU (benchmarks/snapshot_cost.py).
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ from capi_lab.checkpoint import read_jsonl, truncate_metrics
 from capi_lab.config import ConfigError, MaskConfig
 from capi_lab.data import to_input
 from capi_lab.explore import render as rd
-from capi_lab.explore.pca import pca_basis, pca_rgb
+from capi_lab.explore.pca import joint_pca
 from capi_lab.masking import sample_mask
 from capi_lab.model.capi import CAPIModel
 
 log = logging.getLogger("capi_lab.train")  # shown with the training log
 
 SNAPSHOTS_PER_RUN = 20
-"""Snapshots a run takes by default (besides the one at step 0): every ``ceil(max_steps / 20)`` steps."""
+"""Snapshots a long run takes by default (besides the one at step 0): every ``ceil(max_steps / 20)`` steps."""
+MIN_SNAPSHOT_INTERVAL = 50
+"""Fewest steps between two default snapshots: a snapshot costs a few small forward passes (~0.05 s for ``tiny``
+on a 2-core CPU, a third of a training step of batch 32), so at 50 steps apart the snapshots of the README's quick
+start take ~1 % of its time (benchmarks/snapshot_cost.py) instead of the ~5 % that 20 per run would."""
 MAX_PROBE_IMAGES = 8
 """Probe images used from a folder (the first, by name)."""
 SHOWN_SIDE = 192
@@ -61,9 +66,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def snapshot_interval(every: int | None, max_steps: int) -> int:
-    """Steps between snapshots: ``every``, or :data:`SNAPSHOTS_PER_RUN` over the run when it is None (0: off)."""
+    """Steps between snapshots: ``every`` (0: off), or by default :data:`SNAPSHOTS_PER_RUN` over the run but at
+    least :data:`MIN_SNAPSHOT_INTERVAL` steps apart (a run also snapshots at step 0 and at its last step)."""
     if every is None:
-        return max(1, math.ceil(max_steps / SNAPSHOTS_PER_RUN))
+        return max(MIN_SNAPSHOT_INTERVAL, math.ceil(max_steps / SNAPSHOTS_PER_RUN))
     if every < 0:
         raise ConfigError(f"--snapshot-every must be >= 0 (0: no snapshots), got {every}")
     return every
@@ -150,7 +156,8 @@ class Snapshotter:
         truncate_metrics(self.root / "index.jsonl", step)
 
     @torch.inference_mode()
-    def __call__(self, model: CAPIModel, step: int) -> dict[str, float]:
+    def __call__(self, model: CAPIModel, step: int, with_overview: bool = False) -> dict[str, float]:
+        """Write the snapshot of ``step`` (and its ``overview.png`` when ``with_overview``); its aggregates."""
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -164,24 +171,19 @@ class Snapshotter:
             # a diverged model (the NaN guard stops the run a step or two later): nothing worth a picture
             log.warning("snapshot at step %d skipped: the teacher's features are NaN/inf", step)
             return {}
-        joint = [m.numpy() for m in pca_rgb(feats, joint=True)]
-        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
-        _, _, ratio = pca_basis(flat, min(3, *flat.shape))
+        joint_maps, ratio = joint_pca(feats)
+        joint = [m.numpy() for m in joint_maps]
         colors = rd.similarity_palette(ex.prototypes(model))
         probs = [torch.softmax(lg / ex.TEACHER_TEMPERATURE, -1) for _, _, lg in results]
         entropy = [float(-torch.special.xlogy(q, q).sum(-1).mean()) for q in probs]
 
         folder = self.root / f"step_{step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
-        size = (OVERVIEW_SIDE, OVERVIEW_SIDE)
-        rows, per_image, arrays = [], {}, {}
-        for name, photo, rec, pca, ent in zip(self.names, self.photos, recs, joint, entropy, strict=True):
+        per_image, arrays = {}, {}
+        for name, rec, pca, ent in zip(self.names, recs, joint, entropy, strict=True):
             maps = {"pca": pca, "clusters": colors[rec.teacher], "predict": agreement_map(rec)}
             for kind, a in maps.items():  # at the patch grid: tiny files, blown up by whoever shows them
                 rd.to_pil(a).save(folder / f"{kind}_{name}.png", compress_level=1)
-            big = {k: rd.upscale(a, size) for k, a in maps.items()}
-            photo = photo.resize(size, Image.Resampling.BICUBIC)
-            rows.append(rd.row([photo, big["pca"], rd.blend(photo, big["clusters"], 0.7), big["predict"]]))
             per_image[name] = {
                 "pred_top1": rec.top1,
                 "pred_top5": rec.top5,
@@ -193,8 +195,6 @@ class Snapshotter:
             arrays[f"predicted_{name}"] = rec.predicted.astype(np.int32)
             arrays[f"mask_{name}"] = rec.mask
         arrays["prototype_colors"] = colors
-        titles = rd.header([f"step {step}", "joint PCA", "teacher clusters", "predictor hit/top5/miss"], OVERVIEW_SIDE)
-        rd.stack([titles, *rows]).save(folder / "overview.png", compress_level=1)
         np.savez(folder / "numbers.npz", **arrays)
         n = len(recs)
         used = np.unique(np.concatenate([r.teacher.ravel() for r in recs])).size
@@ -217,9 +217,31 @@ class Snapshotter:
             "explained_variance": [float(v) for v in ratio],
         }
         (folder / "snapshot.json").write_text(json.dumps(record, indent=1))
+        if with_overview:
+            overview(folder).save(folder / "overview.png", compress_level=1)
         with (self.root / "index.jsonl").open("a") as f:
             f.write(json.dumps({k: v for k, v in record.items() if k != "per_image"}) + "\n")
         return {**summary, "snapshot/seconds": record["seconds"]}
+
+
+def overview(folder: str | Path) -> Image.Image:
+    """One picture of a snapshot folder (``.../snapshots/step_XXXXXXX``): per probe image a row of the photo, the
+    joint PCA, the teacher's clusters over the photo and the predictor's hits, at :data:`OVERVIEW_SIDE` px a tile.
+    Drawn from the folder's small PNGs (the trainer writes it only for a run's last snapshot; this draws any)."""
+    folder = Path(folder)
+    record = json.loads((folder / "snapshot.json").read_text())
+    size = (OVERVIEW_SIDE, OVERVIEW_SIDE)
+    rows = []
+    for name in record["images"]:
+        photo = Image.open(folder.parent / "images" / f"{name}.png").convert("RGB")
+        photo = photo.resize(size, Image.Resampling.BICUBIC)
+        big = {
+            k: rd.upscale(np.asarray(Image.open(folder / f"{k}_{name}.png").convert("RGB")), size)
+            for k in ("pca", "clusters", "predict")
+        }
+        rows.append(rd.row([photo, big["pca"], rd.blend(photo, big["clusters"], 0.7), big["predict"]]))
+    titles = ["step " + str(record["step"]), "joint PCA", "teacher clusters", "predictor hit/top5/miss"]
+    return rd.stack([rd.header(titles, OVERVIEW_SIDE), *rows])
 
 
 def agreement_map(rec: ex.Reconstruction) -> np.ndarray:

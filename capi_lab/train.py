@@ -118,7 +118,8 @@ class RunConfig:
     checkpoint's (they are listed, and recorded in DIR/resumes.jsonl); the weights must still fit the model."""
     snapshot_every: int | None = None
     """Steps between snapshots of what the teacher sees in the probe images (DIR/snapshots: PCA, cluster and
-    predictor maps plus their numbers; capi_lab.snapshots); default: 20 per run and one at step 0; 0: none."""
+    predictor maps plus their numbers; capi_lab.snapshots); default: 20 per run, at least 50 steps apart, plus
+    step 0 and the last step; 0: none."""
     snapshot_images: str | None = None
     """Folder of probe photos for the snapshots (its first 8 images); default: the 7 bundled example photos."""
     eval: EvalDuringConfig = field(default_factory=EvalDuringConfig)
@@ -163,7 +164,8 @@ class RunConfig:
 
     @property
     def snapshot_interval(self) -> int:
-        """Steps between snapshots (0: none): ``snapshot_every``, or 20 per run; none by default under FSDP."""
+        """Steps between snapshots (0: none): ``snapshot_every``, or the default of
+        :func:`capi_lab.snapshots.snapshot_interval`; none by default under FSDP."""
         if self.strategy == "fsdp" and self.snapshot_every is None:
             return 0
         return snapshot_interval(self.snapshot_every, self.max_steps)
@@ -457,7 +459,7 @@ def fit(fabric: Fabric, run: RunConfig, source: Any, resume: tuple[Path, dict[st
         evaluate = DuringTraining(run.eval, run.capi.image_size, run.capi.model.patch_size, run.seed)
 
     def snapshot() -> None:  # its numbers go to the loggers and DIR/snapshots/index.jsonl, not metrics.jsonl
-        fabric.log_dict(snap(tr.teacher, tr.step), step=tr.step)
+        fabric.log_dict(snap(tr.teacher, tr.step, with_overview=tr.step == run.max_steps), step=tr.step)
 
     if snap is not None and tr.step == 0:  # what the model sees before it has learned anything
         snapshot()

@@ -173,7 +173,8 @@ def test_snapshot_cost_prints_the_share_of_the_run():
     r = _run_on_cpu("benchmarks/snapshot_cost.py", "--steps", "3", "--snapshots", "2", "--max-steps", "40")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
-    assert row["interval"] == 2 and row["snapshots"] == 21  # step 0 and every 2nd of 40
+    assert row["interval"] == 50 and row["snapshots"] == 2  # the default for 40 steps: step 0 and the end
     assert row["step_s_median"] > 0 and row["snapshot_s_median"] > 0 and row["probe_images"] == 7
-    share = row["snapshots"] * row["snapshot_s_median"] / (40 * row["step_s_median"])
+    assert row["overview_s"] >= 0  # the last snapshot's overview.png, counted once
+    share = (row["snapshots"] * row["snapshot_s_median"] + row["overview_s"]) / (40 * row["step_s_median"])
     assert abs(row["snapshot_share_of_run"] - share) < 1e-3

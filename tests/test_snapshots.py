@@ -12,7 +12,7 @@ import capi_lab
 from capi_lab import explore as ex
 from capi_lab.config import ConfigError, MaskConfig
 from capi_lab.explore import render as rd
-from capi_lab.snapshots import AGREE_COLORS, Snapshotter, read_index, snapshot_interval
+from capi_lab.snapshots import AGREE_COLORS, MIN_SNAPSHOT_INTERVAL, Snapshotter, overview, read_index, snapshot_interval
 from capi_lab.train import main
 
 TINY = ["--preset", "tiny", "--num-workers", "0", "--batch-size", "8", "--model.num-prototypes", "64"]
@@ -31,7 +31,12 @@ def test_a_run_writes_a_snapshot_at_step_0_every_n_steps_and_at_the_end(images, 
         for kind in ("pca", "clusters", "predict"):
             for n in names:
                 assert Image.open(folder / f"{kind}_{n}.png").size == (7, 7)  # the 28 px training grid
-        assert Image.open(folder / "overview.png").height > 7 * 128
+        # overview.png is drawn for the last snapshot only (it would double a snapshot's cost); overview() draws any
+        assert (folder / "overview.png").exists() == (r["step"] == 5)
+        drawn = overview(folder)
+        assert drawn.height > 7 * 128 and drawn.width == 4 * 128 + 3 * 4
+        if r["step"] == 5:
+            assert (np.asarray(Image.open(folder / "overview.png").convert("RGB")) == np.asarray(drawn)).all()
         detail = json.loads((folder / "snapshot.json").read_text())
         assert detail["step"] == r["step"] and set(detail["per_image"]) == set(names)
     for n in names:
@@ -94,7 +99,10 @@ def test_snapshots_off_and_the_default_interval(images, tmp_path):
     assert main([*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "2",
                  "--snapshot-every", "0"]) == 0  # fmt: skip
     assert not (out / "snapshots").exists()
-    assert snapshot_interval(None, 300) == 15 and snapshot_interval(None, 7) == 1 and snapshot_interval(0, 9) == 0
+    # by default 20 a run, but never closer than MIN_SNAPSHOT_INTERVAL steps (a short run: step 0 and its end)
+    assert MIN_SNAPSHOT_INTERVAL == 50
+    assert snapshot_interval(None, 3000) == 150 and snapshot_interval(None, 300) == 50
+    assert snapshot_interval(None, 7) == 50 and snapshot_interval(0, 9) == 0 and snapshot_interval(3, 9) == 3
     with pytest.raises(SystemExit, match="--snapshot-every must be >= 0"):
         main([*TINY, "--data", str(images), "--output-dir", str(out), "--snapshot-every", "-1"])
 
