@@ -94,3 +94,15 @@ def test_readme_evaluation_commands_parse():
                 parse(shlex.split(line[len(prefix) :]))
                 seen.add(module)
     assert seen == set(parsers)
+
+
+def test_every_local_link_and_picture_of_the_docs_exists():
+    """README and the benchmark notes link files of the tree (screenshots, notebooks, results): none may be missing."""
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "benchmarks").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)  # commands, not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (doc.parent / path).exists():
+                missing.append(f"{doc.name}: {target}")
+    assert not missing, "links to files that are not in the tree: " + ", ".join(missing)
