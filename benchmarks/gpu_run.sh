@@ -26,6 +26,8 @@
 #   eager     both models without torch.compile
 #   loop      the whole training command, ViT-B/16 compiled, on synthetic JPEGs with the default loader workers,
 #             against its loader alone: does the loader feed the GPU? (benchmarks/loop_throughput.py)
+#   snap      what the training snapshots cost at ViT-B/16 batch 256, compiled, against its step
+#             (benchmarks/snapshot_cost.py; the default interval of a 100k-step run)
 # Files under $OUT (at most 8 come back): env_tests.txt, bench.jsonl, gaps.jsonl, kernels.jsonl, err.txt,
 # profile_b16.txt, trace_b16.json.gz, trace_b16cg.json.gz (and blocks.json after a sweep).
 set -u -o pipefail  # a benchmark that fails says so (its status, not tee's)
@@ -34,10 +36,13 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # GPU_RUN_DRY=1: the same plumbing on a CPU in seconds (the tiny model, two steps a round), which the tests run
 DRY=()
 DRY_LOOP=()
+DRY_SNAP=()
+SNAP_COMPILE=(--compile)
 [ -n "${GPU_RUN_DRY:-}" ] \
   && DRY=(--preset tiny --batch-size 8 --image-size 28 --device cpu --steps 2 --rounds 2 --warmup 1) \
   && DRY_LOOP=(--preset tiny --batch-size 8 --image-size 28 --accelerator cpu --compile false --max-steps 4
-               --log-every 2 --images 40)
+               --log-every 2 --images 40) \
+  && DRY_SNAP=(--preset tiny --batch-size 8 --data-size 28 --device cpu --steps 2 --snapshots 2) && SNAP_COMPILE=()
 if [ -z "${GPU_RUN_DRY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -53,7 +58,7 @@ bench() { local t=$1; shift
 gaps() { [ -s "$1" ] && python3 benchmarks/trace_gaps.py "$1" --top 8 2>>"$OUT/err.txt" | tee -a "$OUT/gaps.jsonl"; }
 kernels() { timeout "$1" python3 benchmarks/sinkhorn_kernels.py "${@:2}" 2>>"$OUT/err.txt" \
   | tee -a "$OUT/kernels.jsonl" || tail -20 "$OUT/err.txt"; }
-for step in "${@:-sweep tests rope b16 b16pt b16rope b16ropet b16cg b16cgrope b16cpp b16combo l14 l14cg baseline eager loop}"; do for s in $step; do case $s in
+for step in "${@:-sweep tests rope b16 b16pt b16rope b16ropet b16cg b16cgrope b16cpp b16combo l14 l14cg baseline eager loop snap}"; do for s in $step; do case $s in
   sweep) kernels 150 --sweep --best-out "$OUT/blocks.json"
          [ -s "$OUT/blocks.json" ] && BLOCKS=(--kernel-blocks "$OUT/blocks.json") ;;
   kernels) kernels 60 --no-baseline ;;
@@ -85,6 +90,9 @@ for step in "${@:-sweep tests rope b16 b16pt b16rope b16ropet b16cg b16cgrope b1
   loop) timeout 300 python3 benchmarks/loop_throughput.py --preset vit_b16 --compile --max-steps 100 --log-every 20 \
           "${DRY_LOOP[@]}" 2>>"$OUT/err.txt" | tail -1 | tee -a "$OUT/bench.jsonl" \
           || { echo "FAILED: loop"; tail -5 "$OUT/err.txt"; } ;;
+  snap) timeout 240 python3 benchmarks/snapshot_cost.py --preset vit_b16 --batch-size 256 --max-steps 100000 \
+          "${SNAP_COMPILE[@]}" "${DRY_SNAP[@]}" 2>>"$OUT/err.txt" | tail -1 | tee -a "$OUT/bench.jsonl" \
+          || { echo "FAILED: snap"; tail -5 "$OUT/err.txt"; } ;;
   eager) bench 60 --preset vit_b16 --batch-size 256; bench 60 --preset vit_l14 --batch-size 128 ;;
   *) echo "unknown step: $s"; exit 2 ;;
 esac; done; done

@@ -128,12 +128,13 @@ def test_gpu_run_script_dry_run_on_the_cpu(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     # one compiled step (b16: after the sweeps, so it gets both tile files, and it writes a trace); b16rope and
     # b16cg would compile the same tiny step again on a CPU
-    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", "sweep", "rope", "b16", "loop"], cwd=root,
+    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", "sweep", "rope", "b16", "loop", "snap"], cwd=root,
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0 and "FAILED" not in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
-    *lines, loop = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    *lines, loop, snap = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert [(r["preset"], r["compile"], len(r["images_per_s_rounds"])) for r in lines] == [("tiny", True, 2)]
     assert loop["preset"] == "tiny" and loop["loader_images_per_s"] > 0 and loop["loop_images_per_s"] > 0
+    assert snap["max_steps"] == 100000 and snap["interval"] == 5000 and snap["snapshot_s_median"] > 0
     sweep = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()]
     assert "best_rope_blocks" in sweep[-1] and (tmp_path / "trace_b16.json.gz").stat().st_size > 0
     assert set(json.loads((tmp_path / "blocks.json").read_text())) == {"col", "row"}
