@@ -182,8 +182,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeyp
     monkeypatch.setattr(train, "student_step", sometimes_nan)
     out = tmp_path / "nan"
     code = main(
-        [*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "20", "--checkpoint-every", "2"]
-    )
+        [*TINY, "--data", str(images), "--output-dir", str(out), "--max-steps", "20", "--checkpoint-every", "2",
+         "--snapshot-every", "1"]
+    )  # fmt: skip
     assert code == 2
     err = capsys.readouterr().err
     assert "NaN/inf for 3 steps in a row (steps 5-7)" in err and "last.ckpt" in err
