@@ -147,9 +147,8 @@ class Snapshotter:
         crops = [square_crop(li.image, resolution) for li in loaded]
         self.inputs = torch.stack([to_input(c) for c in crops])
         self.masks = probe_masks(len(crops), resolution // patch_size, mask, seed)
-        self.photos = [c.resize((SHOWN_SIDE, SHOWN_SIDE), Image.Resampling.BICUBIC) for c in crops]
-        for name, photo in zip(self.names, self.photos, strict=True):
-            photo.save(self.root / "images" / f"{name}.png")
+        for name, crop in zip(self.names, crops, strict=True):  # what overview() and the Runs view show
+            crop.resize((SHOWN_SIDE, SHOWN_SIDE), Image.Resampling.BICUBIC).save(self.root / "images" / f"{name}.png")
 
     def truncate(self, step: int) -> None:
         """Drop the index lines after ``step`` (a resumed run writes them again)."""
