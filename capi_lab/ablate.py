@@ -12,10 +12,11 @@ tiny --data fashion-mnist --max-steps STEPS --batch-size BATCH --seed SEED` plus
 teacher's `global_repr` (and its mean patch token) of ``--limit-train`` seeded train images (the bank) and the test
 images, k-NN top-1 with k=20, T=0.07 (benchmarks/fmnist_eval.sh). ``before training`` is the same architecture
 at its initialisation (the run's seed), the floor a row must rise above. A finished run folder is reused, so a
-study that was stopped goes on from its first unfinished row. The paper's figures are from ViT-L/16 ablation
-models (100k iterations at 224 px; ADE20K mIoU / IN1k attentive-probe top-1): what carries over to a 28-px,
-five-minute model is the ranking, if anything, not the numbers; two runs of the same row have differed by half a
-point here (benchmarks/recipe_study.md).
+study that was stopped goes on from its first unfinished row, and a row with the same settings as a finished row of
+another study under the same ``--out`` (each study has the preset itself as a row) is not trained again. The
+paper's figures are from ViT-L/16 ablation models (100k iterations at 224 px; ADE20K mIoU / IN1k attentive-probe
+top-1): what carries over to a 28-px, five-minute model is the ranking, if anything, not the numbers; two runs of
+the same row have differed by half a point here (benchmarks/recipe_study.md).
 """
 
 from __future__ import annotations
@@ -221,6 +222,36 @@ def run_variant(variant: Variant, protocol: Protocol, out_dir: Path) -> dict[str
     return {"train_seconds": seconds, "loop_seconds": loop_seconds(curves, protocol.batch_size), "curves": curves}
 
 
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings as config.yaml holds them, less where it was written."""
+    import yaml
+
+    return {k: v for k, v in yaml.safe_load(yaml.safe_dump(config)).items() if k != "output_dir"}
+
+
+def finished_twin(variant: Variant, protocol: Protocol, run_dir: Path, out: Path) -> Path | None:
+    """A finished run folder under ``out/*/`` (any study) trained with exactly this row's settings, or None.
+
+    The studies share rows (each has the preset's own settings as one of them: ``inverse block + roll``,
+    ``position-wise Sinkhorn``, ``64 (tiny's default)``), so a row already trained for one study is reused by the
+    next rather than trained again; settings are compared as resolved, not as flags."""
+    from capi_lab.checkpoint import read_jsonl
+    from capi_lab.command_line import read_yaml
+    from capi_lab.train import resolve_config
+
+    if (run_dir / "config.yaml").exists():
+        return None  # this row's own folder: resumed (or reused) as it is
+    wanted = _settings(resolve_config(train_command(variant, protocol, run_dir)).to_dict())
+    for cfg in sorted(out.glob("*/*/config.yaml")):
+        other = cfg.parent
+        if other == run_dir or not (other / "checkpoints" / "last.ckpt").exists():
+            continue
+        logged = [r.get("step") for r in read_jsonl(other / "metrics.jsonl") if "capi_loss" in r]
+        if logged and logged[-1] == protocol.steps and _settings(read_yaml(cfg)) == wanted:
+            return other
+    return None
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
@@ -244,6 +275,10 @@ def run(
     result = StudyResult(study, s.title, s.reference, asdict(p))
     for v in variants:
         run_dir = root / f"{slug(v.name)}_{p.steps}x{p.batch_size}_seed{p.seed}"
+        twin = finished_twin(v, p, run_dir, Path(out))
+        if twin is not None:
+            print(f"{v.name}: same settings as the finished run {twin}; reusing it", flush=True)
+            run_dir = twin
         row: dict[str, Any] = {"name": v.name, "flags": " ".join(v.flags), "paper": v.paper}
         row.update(run_variant(v, p, run_dir))
         row.update(knn_scores(load_pretrained(run_dir / "checkpoints" / "last.ckpt"), splits))

@@ -67,6 +67,27 @@ def test_a_study_on_a_sliver_of_the_protocol(tmp_path, capsys):
     assert saved.table() == table
 
 
+def test_a_row_with_the_settings_of_another_studys_finished_row_is_not_trained_again(tmp_path, capsys):
+    """The preset is a row of every study: trained once for masking, reused by balancing; a row that differs is
+    trained."""
+    _need_fashion_mnist()
+    runs = tmp_path / "runs"
+    first = ablate.run("masking", SLIVER, runs, only=["inverse block + roll"])
+    assert (runs / "masking" / "inverse_block___roll_3x8_seed0" / "checkpoints" / "last.ckpt").exists()
+    capsys.readouterr()
+    second = ablate.run("balancing", SLIVER, runs, only=["position-wise Sinkhorn", "standard Sinkhorn"])
+    out = capsys.readouterr().out
+    assert "position-wise Sinkhorn: same settings as the finished run" in out and "inverse_block___roll" in out
+    assert not (runs / "balancing" / "position_wise_Sinkhorn_3x8_seed0").exists()
+    assert (runs / "balancing" / "standard_Sinkhorn_3x8_seed0" / "checkpoints" / "last.ckpt").exists()
+    assert "standard Sinkhorn: same settings" not in out
+    reused = next(r for r in second.rows if r["name"] == "position-wise Sinkhorn")
+    assert reused["curves"] == first.rows[0]["curves"] and reused["knn_global"] == first.rows[0]["knn_global"]
+    # another protocol (more steps) is another run: nothing finished matches it
+    longer = ablate.Protocol(steps=4, batch_size=8, limit_train=120, limit_test=60)
+    assert ablate.finished_twin(ablate.STUDIES["balancing"].variants[2], longer, runs / "b" / "x", runs) is None
+
+
 def test_cli_errors_name_the_problem(capsys):
     with pytest.raises(SystemExit):
         ablate.main(["masking", "--steps", "0"])
