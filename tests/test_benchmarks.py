@@ -179,3 +179,15 @@ def test_snapshot_cost_prints_the_share_of_the_run():
     assert row["overview_s"] >= 0  # the last snapshot's overview.png, counted once
     share = (row["snapshots"] * row["snapshot_s_median"] + row["overview_s"]) / (40 * row["step_s_median"])
     assert abs(row["snapshot_share_of_run"] - share) < 1e-3
+
+
+def test_seg_knn_trend_reads_a_runs_checkpoints_in_step_order(tmp_path):
+    from benchmarks.seg_knn_default import run_checkpoints
+
+    (tmp_path / "checkpoints").mkdir()
+    for step in (1000, 250, 5000):
+        (tmp_path / "checkpoints" / f"step_{step:07d}.ckpt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert [s for s, _ in run_checkpoints(tmp_path)] == [250, 1000, 5000]
+    with pytest.raises(SystemExit, match="no checkpoints/step_"):
+        run_checkpoints(tmp_path / "elsewhere")
