@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import math
 import os
 import sys
 import threading
@@ -231,8 +232,9 @@ def pca_view(
         for li, e, c in zip(images, enc, res.components, strict=True):
             scale = float(np.abs(c).max())
             side = max(e.shown.size[0], 192), max(e.shown.size[1], 192)
-            comps.append((rd.row([rd.upscale(rd.diverging(ci, scale), side) for ci in c]),
-                          f"{li.name}: components 1–{len(c)} (red +, blue −)"))  # fmt: skip
+            tiles = [rd.upscale(rd.diverging(ci, scale), side) for ci in c]  # a near-square grid, read row-wise
+            comps.append((rd.mosaic(tiles, columns=math.ceil(math.sqrt(len(tiles))), pad=4),
+                          f"{li.name}: components 1–{len(c)}, row by row (red +, blue −)"))  # fmt: skip
         maps_by.append(maps)
         comps_by.append(comps)
         figs.append(res.explained_variance)
@@ -506,7 +508,7 @@ def build_demo(model: CAPIModel | Workbench, source: str = "in-memory model", ru
                 pca_btn = gr.Button("Show PCA", variant="primary")
             pca_status = gr.Markdown(elem_id="pca-status")
             pca_maps = gr.Gallery(label="own PCA · joint PCA", columns=2, elem_id="pca-maps", **GALLERY)
-            pca_comps = gr.Gallery(label="joint components (diverging)", columns=1, **GALLERY)
+            pca_comps = gr.Gallery(label="joint components (diverging)", columns=2, **GALLERY)
             pca_plot = gr.Plot(label="explained variance")
 
         @_guard

@@ -48,7 +48,8 @@ def test_pca_view(wb):
     pic, caption = maps[1]
     assert _is_picture(pic) and "joint PCA" in caption and "own PCA" in maps[0][1]
     assert max(pic.size) == app.DISPLAY_SIDE  # readable: shown at 384 px, not at the model's 64
-    assert comps[0][0].width == 3 * 192 + 2 * 4  # 3 components side by side, 192 px each
+    assert comps[0][0].size == (2 * 192 + 4, 2 * 192 + 4)  # 3 components in a 2 x 2 grid, 192 px each
+    assert "components 1–3, row by row" in comps[0][1]
     ev = fig.data[0].y
     assert len(ev) >= 3 and np.all(np.diff(ev) <= 1e-6) and 0 < sum(ev) <= 1 + 1e-6
     assert "3 image(s) at 64 px" in status
