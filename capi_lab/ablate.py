@@ -247,7 +247,13 @@ def finished_twin(variant: Variant, protocol: Protocol, run_dir: Path, out: Path
         if other == run_dir or not (other / "checkpoints" / "last.ckpt").exists():
             continue
         logged = [r.get("step") for r in read_jsonl(other / "metrics.jsonl") if "capi_loss" in r]
-        if logged and logged[-1] == protocol.steps and _settings(read_yaml(cfg)) == wanted:
+        if not logged or logged[-1] != protocol.steps:
+            continue
+        try:
+            settings = _settings(read_yaml(cfg))
+        except SystemExit:  # a damaged config.yaml of another folder: not a twin, not an error
+            continue
+        if settings == wanted:
             return other
     return None
 

@@ -83,6 +83,10 @@ def test_a_row_with_the_settings_of_another_studys_finished_row_is_not_trained_a
     assert "standard Sinkhorn: same settings" not in out
     reused = next(r for r in second.rows if r["name"] == "position-wise Sinkhorn")
     assert reused["curves"] == first.rows[0]["curves"] and reused["knn_global"] == first.rows[0]["knn_global"]
+    # a damaged config.yaml elsewhere under the same folder is passed over, not an error
+    (runs / "masking" / "inverse_block___roll_3x8_seed0" / "config.yaml").write_text("[not: a mapping")
+    variant = next(v for v in ablate.STUDIES["balancing"].variants if v.name == "position-wise Sinkhorn")
+    assert ablate.finished_twin(variant, SLIVER, runs / "b" / "x", runs) is None
     # another protocol (more steps) is another run: nothing finished matches it
     longer = ablate.Protocol(steps=4, batch_size=8, limit_train=120, limit_test=60)
     assert ablate.finished_twin(ablate.STUDIES["balancing"].variants[2], longer, runs / "b" / "x", runs) is None
