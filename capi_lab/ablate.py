@@ -235,7 +235,6 @@ def finished_twin(variant: Variant, protocol: Protocol, run_dir: Path, out: Path
     The studies share rows (each has the preset's own settings as one of them: ``inverse block + roll``,
     ``position-wise Sinkhorn``, ``64 (tiny's default)``), so a row already trained for one study is reused by the
     next rather than trained again; settings are compared as resolved, not as flags."""
-    from capi_lab.checkpoint import read_jsonl
     from capi_lab.command_line import read_yaml
     from capi_lab.train import resolve_config
 
@@ -246,7 +245,7 @@ def finished_twin(variant: Variant, protocol: Protocol, run_dir: Path, out: Path
         other = cfg.parent
         if other == run_dir or not (other / "checkpoints" / "last.ckpt").exists():
             continue
-        logged = [r.get("step") for r in read_jsonl(other / "metrics.jsonl") if "capi_loss" in r]
+        logged = read_curves(other)["step"]
         if not logged or logged[-1] != protocol.steps:
             continue
         try:
