@@ -267,3 +267,32 @@ def test_composite_source_from_the_cli_spec_and_its_errors(cutouts, tmp_path):
         resolve_source(f"composite:{tmp_path / 'empty'}")
     with pytest.raises(DataError, match="does not exist: run `python scripts/fetch_demo_data.py --only tuxpaint`"):
         resolve_source(f"composite:{tmp_path / 'missing'}")
+
+
+def test_the_fast_input_conversion_and_seeding_give_torchvisions_values_bit_for_bit():
+    """ToInput and seeded_cpu_rng replace v2.ToImage/ToDtype/Normalize and fork_rng + torch.manual_seed in the
+    loader for speed: a run must see exactly the samples it saw before (resumed runs, recorded studies)."""
+    from torchvision.transforms import v2
+
+    from capi_lab.data import IMAGENET_MEAN, IMAGENET_STD, ToInput, _mix, augment, train_transform
+
+    rng = np.random.default_rng(0)
+    reference = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for shape in [(28, 28, 3), (13, 40, 3), (9, 7)]:
+        img = Image.fromarray((rng.random(shape) * 255).astype("uint8"))
+        ours, theirs = ToInput()(img), reference(img)
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs.as_subclass(torch.Tensor))
+    with pytest.raises(TypeError, match="8-bit"):
+        ToInput()(torch.zeros(3, 4, 4))
+
+    tf = train_transform(28)
+    old = [v2.RandomResizedCrop(28, scale=(0.6, 1.0), interpolation=v2.InterpolationMode.BICUBIC), v2.RandomHorizontalFlip()]
+    img = Image.fromarray((rng.random((56, 60, 3)) * 255).astype("uint8"))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for pos in range(8):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(5, pos, 1))
+            expected = reference(v2.Compose(old)(img))
+        assert torch.equal(augment(tf, img, 5, pos), expected.as_subclass(torch.Tensor))
+    assert torch.equal(torch.get_rng_state(), before), "augment must leave the global generator where it was"

@@ -155,15 +155,14 @@ class _Stream(torch.utils.data.Dataset):
         return 1 << 62
 
     def __getitem__(self, pos: int):
-        from capi_lab.data import _mix
+        from capi_lab.data import _mix, seeded_cpu_rng
 
         i = self.index(pos)
         try:
             img = self.source.load(i)
         except Exception:
             return None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, pos))
+        with seeded_cpu_rng(_mix(self.seed, pos)):
             return self.transform(img), int(self.labels[i])
 
 
