@@ -277,7 +277,9 @@ def test_the_fast_input_conversion_and_seeding_give_torchvisions_values_bit_for_
     from capi_lab.data import IMAGENET_MEAN, IMAGENET_STD, ToInput, _mix, augment, train_transform
 
     rng = np.random.default_rng(0)
-    reference = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    reference = v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
     for shape in [(28, 28, 3), (13, 40, 3), (9, 7)]:
         img = Image.fromarray((rng.random(shape) * 255).astype("uint8"))
         ours, theirs = ToInput()(img), reference(img)
@@ -286,7 +288,10 @@ def test_the_fast_input_conversion_and_seeding_give_torchvisions_values_bit_for_
         ToInput()(torch.zeros(3, 4, 4))
 
     tf = train_transform(28)
-    old = [v2.RandomResizedCrop(28, scale=(0.6, 1.0), interpolation=v2.InterpolationMode.BICUBIC), v2.RandomHorizontalFlip()]
+    old = [
+        v2.RandomResizedCrop(28, scale=(0.6, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
+    ]
     img = Image.fromarray((rng.random((56, 60, 3)) * 255).astype("uint8"))
     torch.manual_seed(123)
     before = torch.get_rng_state()
