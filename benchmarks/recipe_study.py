@@ -50,6 +50,8 @@ STUDIES: dict[str, tuple[list[str], str]] = {
     "pdepth1": (["--model.pred-depth", "1"], "predictor depth 1"),
     "patch7": (["--model.patch-size", "7"], "patch 7 (4x4 grid)"),
     "m0.9": (["--optim.momentum-peak", "0.9"], "teacher momentum peak 0.9"),
+    "m0.98": (["--optim.momentum-peak", "0.98"], "teacher momentum peak 0.98"),
+    "m0.99": (["--optim.momentum-peak", "0.99"], "teacher momentum peak 0.99"),
     "lr4e-3": (["--optim.lr", "4e-3"], "lr 4e-3"),
     "k128": (["--model.num-prototypes", "128"], "prototypes 128"),
     "ratio0.8": (["--mask.ratio", "0.8"], "mask ratio 0.8"),
