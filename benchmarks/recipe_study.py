@@ -52,6 +52,7 @@ STUDIES: dict[str, tuple[list[str], str]] = {
     "m0.9": (["--optim.momentum-peak", "0.9"], "teacher momentum peak 0.9"),
     "m0.98": (["--optim.momentum-peak", "0.98"], "teacher momentum peak 0.98"),
     "m0.99": (["--optim.momentum-peak", "0.99"], "teacher momentum peak 0.99"),
+    "m0.995": (["--optim.momentum-peak", "0.995"], "teacher momentum peak 0.995"),
     "lr4e-3": (["--optim.lr", "4e-3"], "lr 4e-3"),
     "k128": (["--model.num-prototypes", "128"], "prototypes 128"),
     "ratio0.8": (["--mask.ratio", "0.8"], "mask ratio 0.8"),
