@@ -191,3 +191,39 @@ def test_seg_knn_trend_reads_a_runs_checkpoints_in_step_order(tmp_path):
     assert [s for s, _ in run_checkpoints(tmp_path)] == [250, 1000, 5000]
     with pytest.raises(SystemExit, match="no checkpoints/step_"):
         run_checkpoints(tmp_path / "elsewhere")
+
+
+def _study_row(name, steps, batch, seed, knn, base_flags="", flags="", linear=None):
+    row = {"name": name, "what": name, "base": "tiny", "base_flags": base_flags, "flags": flags, "steps": steps,
+           "batch_size": batch, "seed": seed, "loop_seconds": 1.0, "knn_global": knn, "knn_mean_patch": knn,
+           "init_knn_global": 60.0, "gain_knn_global": knn - 60.0, "target_entropy": 0.5,
+           "prototypes_used": 64}  # fmt: skip
+    return row if linear is None else {**row, "linear_global": linear}
+
+
+def test_recipe_study_groups_seeds_by_recipe_and_reads_each_runs_momentum(tmp_path):
+    from benchmarks.recipe_study import momentum, seed_groups, seed_table
+    from capi_lab.config import get_preset
+
+    rows = [
+        _study_row("short", 600, 64, 0, 67.0),  # the CLI's default length: not in the seed table
+        _study_row("k64", 7600, 64, 0, 82.0, base_flags="--optim.momentum-peak 0.99", linear=85.0),
+        _study_row("k64", 7600, 64, 1, 79.0, base_flags="--optim.momentum-peak 0.99", linear=84.0),
+        _study_row("k64", 7600, 64, 2, 80.0, base_flags="--optim.momentum-peak 0.99", linear=84.5),
+        _study_row("k64", 3800, 128, 0, 80.3, base_flags="--optim.momentum-peak 0.99"),  # another length
+        _study_row("m", 7600, 64, 0, 81.0, base_flags="--optim.momentum-peak 0.99", flags="--optim.momentum-peak 0.9"),
+    ]
+    groups = seed_groups(rows)
+    assert [len(g) for g in groups.values()] == [1, 3, 1, 1]
+    assert momentum(rows[1]) == "0.99" and momentum(rows[-1]) == "0.9"  # the row's flag overrides its base's
+    assert momentum(rows[0]) == str(get_preset("tiny").optim.momentum_peak)
+    path = tmp_path / "study.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = seed_table(path).splitlines()
+    assert len(lines) == 2 + 3 and not any("short" in line for line in lines)
+    three = next(line for line in lines if "| 3 |" in line)
+    assert "82.0 / 79.0 / 80.0 | 80.0 |" in three and "85.0 / 84.0 / 84.5 | 84.5 |" in three  # medians
+    assert "| 3800 × 128 | 0.99 | 1 | 80.3 | 80.3 | – | – |" in seed_table(path)
+    r = _run_on_cpu("benchmarks/recipe_study.py", "--results", str(path), "--plot", str(tmp_path / "study.png"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
