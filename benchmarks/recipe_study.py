@@ -150,11 +150,12 @@ def key(row: dict) -> tuple:
     return row["name"], row["base_flags"], row["steps"], row["batch_size"], row["seed"]
 
 
-def label(row: dict) -> str:
-    """The row's name, prefixed by its base when that is not the first rows' ``old`` base."""
+def label(row: dict, seed: bool = True) -> str:
+    """The row's name, prefixed by its base when that is not the first rows' ``old`` base, and its seed when not 0
+    (unless ``seed=False``: the recipe's name, the same for all its seeds)."""
     base = row.get("base", "old")
     name = row["name"] if base == "old" else f"{base}+{row['name']}"
-    return name if row["seed"] == 0 else f"{name} (seed {row['seed']})"
+    return name if row["seed"] == 0 or not seed else f"{name} (seed {row['seed']})"
 
 
 def rows(path: Path) -> list[dict]:
@@ -213,7 +214,7 @@ def seed_table(path: Path) -> str:
         knn = [r["knn_global"] for r in ms]
         lin = [r["linear_global"] for r in ms if "linear_global" in r]
         lines.append(
-            f"| `{label(ms[0]).split(' (seed')[0]}` | {steps} × {batch} | {momentum(ms[0])} | {len(ms)} | "
+            f"| `{label(ms[0], seed=False)}` | {steps} × {batch} | {momentum(ms[0])} | {len(ms)} | "
             f"{' / '.join(f'{v:.1f}' for v in knn)} | {statistics.median(knn):.1f} | "
             f"{' / '.join(f'{v:.1f}' for v in lin) or '–'} | {format(statistics.median(lin), '.1f') if lin else '–'} |"
         )
@@ -249,7 +250,7 @@ def plot(path: Path, out: Path) -> None:
         ax2.scatter([i] * len(scores), scores, color="k", s=12, zorder=3)
         ax2.text(i, median + 0.3, f"{median:.1f}", ha="center", fontsize=7)
     ax2.axhline(81.7, color="grey", ls="--", lw=1, label="raw pixels = the 20-minute target (81.7)")
-    names = [f"{label(ms[0]).split(' (seed')[0]}\n{k[2]} x {k[3]}\nm {momentum(ms[0])}" for k, ms in groups.items()]
+    names = [f"{label(ms[0], seed=False)}\n{k[2]} x {k[3]}\nm {momentum(ms[0])}" for k, ms in groups.items()]
     ax2.set_xticks(range(len(groups)), names, fontsize=7)
     ax2.set_ylim(70, 85)
     ax2.set_title("longer runs (bar: median over seeds, dot: one seed; m: teacher momentum peak); "
