@@ -179,15 +179,12 @@ def table(path: Path) -> str:
 
 
 def momentum(row: dict) -> str:
-    """The run's teacher momentum peak: the last ``--optim.momentum-peak`` of its base and row flags, else the
-    ``tiny`` preset's."""
-    flags = (row["base_flags"] + " " + row["flags"]).split()
-    given = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--optim.momentum-peak"]
-    if given:
-        return given[-1]
-    from capi_lab.config import get_preset
+    """The run's teacher momentum peak, as the training CLI resolves the run's flags (``tiny``, then its base's
+    flags, then its row's)."""
+    from capi_lab.train import resolve_config
 
-    return str(get_preset("tiny").optim.momentum_peak)
+    argv = ["--preset", "tiny", *row["base_flags"].split(), *row["flags"].split()]
+    return str(resolve_config(argv).capi.optim.momentum_peak)
 
 
 SHORT = 600 * 64
@@ -198,7 +195,7 @@ def seed_groups(data: list[dict]) -> dict[tuple, list[dict]]:
     """The rows grouped by recipe and length (row, base, steps, batch): one list of seeds each, in file order."""
     groups: dict[tuple, list[dict]] = {}
     for r in data:
-        groups.setdefault((r["name"], r["base_flags"], r["steps"], r["batch_size"]), []).append(r)
+        groups.setdefault(key(r)[:-1], []).append(r)  # the run's key less its seed
     return groups
 
 
