@@ -54,6 +54,14 @@ STUDIES: dict[str, tuple[list[str], str]] = {
     "m0.98": (["--optim.momentum-peak", "0.98"], "teacher momentum peak 0.98"),
     "m0.99": (["--optim.momentum-peak", "0.99"], "teacher momentum peak 0.99"),
     "m0.995": (["--optim.momentum-peak", "0.995"], "teacher momentum peak 0.995"),
+    "m0.99+pred1.0": (
+        ["--optim.momentum-peak", "0.99", "--mask.prediction-subsampling", "1.0"],
+        "momentum peak 0.99, every masked patch predicted",
+    ),
+    "m0.99+cos1.0": (
+        ["--optim.momentum-peak", "0.99", "--optim.truncate", "1.0"],
+        "momentum peak 0.99, the whole cosine (lr to 0, teacher momentum to 1 at the end; the paper cuts it at 0.8)",
+    ),
     "lr4e-3": (["--optim.lr", "4e-3"], "lr 4e-3"),
     "k128": (["--model.num-prototypes", "128"], "prototypes 128"),
     "ratio0.8": (["--mask.ratio", "0.8"], "mask ratio 0.8"),

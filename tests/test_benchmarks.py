@@ -227,3 +227,16 @@ def test_recipe_study_groups_seeds_by_recipe_and_reads_each_runs_momentum(tmp_pa
     r = _run_on_cpu("benchmarks/recipe_study.py", "--results", str(path), "--plot", str(tmp_path / "study.png"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_recipe_study_row_is_a_training_command_the_cli_accepts():
+    from benchmarks.recipe_study import BASES, STUDIES
+    from capi_lab.train import resolve_config
+
+    for base in BASES.values():
+        for name, (flags, _) in STUDIES.items():
+            optim = resolve_config(["--preset", "tiny", *base, *flags]).capi.optim
+            if "--optim.truncate" in flags:
+                assert optim.truncate == float(flags[flags.index("--optim.truncate") + 1]), name
+    with pytest.raises(SystemExit):  # a misspelt flag is refused, so the loop above can fail
+        resolve_config(["--preset", "tiny", "--optim.truncation", "1.0"])
