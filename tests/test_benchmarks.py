@@ -240,3 +240,40 @@ def test_every_recipe_study_row_is_a_training_command_the_cli_accepts():
                 assert optim.truncate == float(flags[flags.index("--optim.truncate") + 1]), name
     with pytest.raises(SystemExit):  # a misspelt flag is refused, so the loop above can fail
         resolve_config(["--preset", "tiny", "--optim.truncation", "1.0"])
+
+
+def _documented_command(text: str, start: str) -> list[str]:
+    """The command in ``text`` that begins with ``start``: in markdown up to the closing backquote, in a shell
+    script's comment up to the first line that does not end in a backslash."""
+    from shlex import split
+
+    at = text.index(start)
+    if text[at - 1] == "`":
+        return split(text[at : text.index("`", at)])
+    lines = []
+    for line in text[at:].splitlines():
+        line = line.lstrip("# ").rstrip()
+        lines.append(line.removesuffix("\\"))
+        if not line.endswith("\\"):
+            return split(" ".join(lines))
+    raise AssertionError(f"{start!r} does not end")
+
+
+def test_the_documented_20_minute_recipe_is_the_study_row_it_quotes():
+    """README and fmnist_eval.sh give the command a user types for the 20-minute run; it must train what the study
+    measured (`--base tiny --only m0.99+pred1.0` at 7600 x 64), so a change to one is seen in the others."""
+    from benchmarks.recipe_study import BASES, STUDIES
+    from capi_lab.train import resolve_config
+
+    root = Path(__file__).parents[1]
+    study = resolve_config(["--preset", "tiny", "--max-steps", "7600", *BASES["tiny"], *STUDIES["m0.99+pred1.0"][0]])
+    readme = (root / "README.md").read_text()
+    quoted = readme[readme.index("The 20-minute\nrecipe") :]
+    for where, text in (("README.md", quoted), ("fmnist_eval.sh", (root / "benchmarks/fmnist_eval.sh").read_text())):
+        cmd = _documented_command(text, "python -m capi_lab.train --preset tiny --data fashion-mnist")
+        assert cmd[:3] == ["python", "-m", "capi_lab.train"], where
+        run = resolve_config(cmd[3:])
+        assert run.capi == study.capi, where  # batch 64 is the preset's and lives in capi
+        assert run.max_steps == 7600, where
+    with pytest.raises(AssertionError):  # the comparison sees a recipe that is not the study's
+        assert resolve_config(["--preset", "tiny"]).capi == study.capi
