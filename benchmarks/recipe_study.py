@@ -68,8 +68,16 @@ STUDIES: dict[str, tuple[list[str], str]] = {
             "random",
             "--mask.roll",
             "false",
-        ],  # fmt: skip
+        ],
         "momentum peak 0.99, every masked patch predicted, random masking",
+    ),
+    "m0.99+pred1.0+lr1e-3": (
+        ["--optim.momentum-peak", "0.99", "--mask.prediction-subsampling", "1.0", "--optim.lr", "1e-3"],
+        "momentum peak 0.99, every masked patch predicted, lr 1e-3",
+    ),
+    "m0.99+pred1.0+lr3e-3": (
+        ["--optim.momentum-peak", "0.99", "--mask.prediction-subsampling", "1.0", "--optim.lr", "3e-3"],
+        "momentum peak 0.99, every masked patch predicted, lr 3e-3",
     ),
     "m0.99+cos1.0": (
         ["--optim.momentum-peak", "0.99", "--optim.truncate", "1.0"],
