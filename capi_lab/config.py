@@ -277,8 +277,8 @@ def _tiny() -> CAPIConfig:
     # momentum peaking at 0.95, not the paper's 0.999 (a ~1000-step time constant, right for 500k steps, which
     # leaves a short run's teacher at its random initialisation). A run of thousands of steps wants a slower one
     # and every masked patch predicted: at 7600 steps of 64 (the 20-minute run), `--optim.momentum-peak 0.99
-    # --mask.prediction-subsampling 1.0` scores k-NN 81.4 / linear 85.0 against 80.1 / 84.3 for the preset (medians
-    # of three seeds; momentum 0.99 alone 80.6 / 84.5).
+    # --mask.prediction-subsampling 1.0` scores k-NN 81.3 / linear 85.2 against 80.1 / 84.3 for the preset
+    # (medians of four and three seeds; momentum 0.99 alone 80.6 / 84.5).
     return CAPIConfig(
         model=ModelConfig(
             patch_size=4, embed_dim=128, depth=4, num_heads=4, pred_depth=2, num_registers=4, num_prototypes=64
