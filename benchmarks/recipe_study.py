@@ -71,6 +71,14 @@ STUDIES: dict[str, tuple[list[str], str]] = {
         [*RECIPE_20MIN, "--optim.lr", "3e-3"],
         "momentum peak 0.99, every masked patch predicted, lr 3e-3",
     ),
+    "m0.99+pred1.0+crop0.3": (
+        [*RECIPE_20MIN, "--crop-scale", "0.3", "1.0"],
+        "momentum peak 0.99, every masked patch predicted, crop scale 0.3-1",
+    ),
+    "m0.99+pred1.0+pdepth3": (
+        [*RECIPE_20MIN, "--model.pred-depth", "3"],
+        "momentum peak 0.99, every masked patch predicted, predictor depth 3",
+    ),
     "m0.99+cos1.0": (
         ["--optim.momentum-peak", "0.99", "--optim.truncate", "1.0"],
         "momentum peak 0.99, the whole cosine (lr to 0, teacher momentum to 1 at the end; the paper cuts it at 0.8)",
@@ -270,9 +278,9 @@ def plot(path: Path, out: Path) -> None:
     ax2.axhline(81.7, color="grey", ls="--", lw=1, label="raw pixels = the 20-minute target (81.7)")
 
     def wrap(name: str) -> str:  # a long recipe name on one line runs into its neighbours
-        return name.replace("+", "+\n") if len(name) > 11 else name
+        return name.replace("+", "+\n") if len(name) > 8 else name
 
-    names = [f"{wrap(label(ms[0], seed=False))}\n{k[2]} x {k[3]}\nm {momentum(ms[0])}" for k, ms in groups.items()]
+    names = [f"{wrap(label(ms[0], seed=False))}\n{k[2]}x{k[3]}\nm {momentum(ms[0])}" for k, ms in groups.items()]
     ax2.set_xticks(range(len(groups)), names, fontsize=7)
     ax2.set_ylim(70, 85)
     ax2.set_title("longer runs (bar: median over seeds, dot: one seed; m: teacher momentum peak); "
