@@ -79,6 +79,14 @@ STUDIES: dict[str, tuple[list[str], str]] = {
         [*RECIPE_20MIN, "--model.pred-depth", "3"],
         "momentum peak 0.99, every masked patch predicted, predictor depth 3",
     ),
+    "m0.99+pred1.0+k128": (
+        [*RECIPE_20MIN, "--model.num-prototypes", "128"],
+        "momentum peak 0.99, every masked patch predicted, 128 prototypes",
+    ),
+    "m0.99+pred1.0+ratio0.75": (
+        [*RECIPE_20MIN, "--mask.ratio", "0.75"],
+        "momentum peak 0.99, every masked patch predicted, mask ratio 0.75",
+    ),
     "m0.99+cos1.0": (
         ["--optim.momentum-peak", "0.99", "--optim.truncate", "1.0"],
         "momentum peak 0.99, the whole cosine (lr to 0, teacher momentum to 1 at the end; the paper cuts it at 0.8)",
