@@ -87,6 +87,10 @@ STUDIES: dict[str, tuple[list[str], str]] = {
         [*RECIPE_20MIN, "--mask.ratio", "0.75"],
         "momentum peak 0.99, every masked patch predicted, mask ratio 0.75",
     ),
+    "m0.99+pred1.0+cl2.0": (
+        [*RECIPE_20MIN, "--optim.clustering-lr-ratio", "2.0"],
+        "momentum peak 0.99, every masked patch predicted, clustering lr 2x the backbone's",
+    ),
     "m0.99+cos1.0": (
         ["--optim.momentum-peak", "0.99", "--optim.truncate", "1.0"],
         "momentum peak 0.99, the whole cosine (lr to 0, teacher momentum to 1 at the end; the paper cuts it at 0.8)",
