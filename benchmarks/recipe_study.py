@@ -270,7 +270,7 @@ def plot(path: Path, out: Path) -> None:
     data = rows(path)
     short = [r for r in data if r["steps"] * r["batch_size"] <= SHORT]
     groups = seed_groups([r for r in data if r["steps"] * r["batch_size"] > SHORT])
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.42 * len(short) + 1), 8.5))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.42 * len(short) + 1, 0.7 * len(groups) + 1), 8.5))
     x = range(len(short))
     ax.bar([i - 0.2 for i in x], [r["knn_global"] for r in short], 0.4, label="trained, global_repr")
     ax.bar([i + 0.2 for i in x], [r["knn_mean_patch"] for r in short], 0.4, label="trained, mean patch")
