@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--data", default=None, help="images to train on (default: synthetic JPEGs)")
     p.add_argument("--images", type=int, default=2048, help="synthetic JPEGs to write")
     p.add_argument("--image-px", type=int, default=500, help="their width (ImageNet's photos average ~400x350)")
-    p.add_argument("--workdir", default=None, help="where the JPEGs and the run go (default: a temporary folder)")
+    p.add_argument("--workdir", default=None, help="keep the JPEGs and the run here (default: a temp folder, removed)")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument(
@@ -72,7 +73,17 @@ def main() -> None:
     args, rest = p.parse_known_args()
     if not args.decode_cache:  # before any loader exists: forked workers inherit it
         FileImages.CACHE_BYTES = 0
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="capi_loop_"))
+    if args.workdir:
+        _run(args, rest, Path(args.workdir))
+        return
+    work = Path(tempfile.mkdtemp(prefix="capi_loop_"))
+    try:  # a few thousand JPEGs and a run: ~45 MB, removed unless --workdir asked to keep them
+        _run(args, rest, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, rest: list[str], work: Path) -> None:
     data = args.data
     if data is None:
         data = str(work / "jpegs")

@@ -55,10 +55,16 @@ def _execute(path: Path, monkeypatch, first_cell: str | None = None):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs_in_smoke_mode(path, monkeypatch):
+def test_runs_in_smoke_mode(path, monkeypatch, tmp_path):
+    temp = tmp_path / "kernel_tmp"  # the kernel's temporary folder: whatever a notebook writes there
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     outputs = _execute(path, monkeypatch)
     assert any("smoke mode" in o.get("text", "") for o in outputs)
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)  # interactive figures
+    # ...is gone once the kernel stops (a run of 04 left ~100 MB in /tmp each time); torch's compile cache,
+    # one folder shared by every run, may stay
+    assert sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")) == []
 
 
 @pytest.mark.slow  # the whole notebook a second time (80 s); CI runs it in its slow tier
