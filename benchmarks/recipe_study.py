@@ -233,6 +233,7 @@ def seed_table(path: Path) -> str:
     for (_, _, steps, batch), ms in seed_groups(
         [r for r in rows(path) if r["steps"] * r["batch_size"] > SHORT]
     ).items():
+        ms = sorted(ms, key=lambda r: r["seed"])  # each seed in seed order, whatever order they ran in
         knn = [r["knn_global"] for r in ms]
         lin = [r["linear_global"] for r in ms if "linear_global" in r]
         lines.append(
