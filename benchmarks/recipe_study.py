@@ -75,6 +75,10 @@ STUDIES: dict[str, tuple[list[str], str]] = {
     "m0.99+pred1.0+ratio0.75": around_recipe("mask ratio 0.75", "--mask.ratio", "0.75"),
     "m0.99+pred1.0+cl2.0": around_recipe("clustering lr 2x the backbone's", "--optim.clustering-lr-ratio", "2.0"),
     "m0.99+pred1.0+block": around_recipe("block masking", "--mask.strategy", "block"),
+    "m0.99+pred1.0+pe1.0": around_recipe(
+        "patch embedding at the backbone's lr (the paper: 0.2x)", "--optim.patch-embed-lr-mult", "1.0"
+    ),
+    "m0.99+pred1.0+wd0.1": around_recipe("weight decay 0.1 (the paper's; tiny: 0.05)", "--optim.weight-decay", "0.1"),
     "m0.99+cos1.0": (
         ["--optim.momentum-peak", "0.99", "--optim.truncate", "1.0"],
         "momentum peak 0.99, the whole cosine (lr to 0, teacher momentum to 1 at the end; the paper cuts it at 0.8)",
