@@ -79,6 +79,8 @@ STUDIES: dict[str, tuple[list[str], str]] = {
         "patch embedding at the backbone's lr (the paper: 0.2x)", "--optim.patch-embed-lr-mult", "1.0"
     ),
     "m0.99+pred1.0+wd0.1": around_recipe("weight decay 0.1 (the paper's; tiny: 0.05)", "--optim.weight-decay", "0.1"),
+    "m0.99+pred1.0+patch7": around_recipe("patch 7 (4x4 grid)", "--model.patch-size", "7"),
+    "m0.99+pred1.0+ratio0.55": around_recipe("mask ratio 0.55", "--mask.ratio", "0.55"),
     "m0.99+cos1.0": (
         ["--optim.momentum-peak", "0.99", "--optim.truncate", "1.0"],
         "momentum peak 0.99, the whole cosine (lr to 0, teacher momentum to 1 at the end; the paper cuts it at 0.8)",
